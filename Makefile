@@ -1,0 +1,50 @@
+# Two commands on a fresh machine (Python 3.11): `make repro` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup repro test test-fast bench compare tune mos mlflow-server sysdeps clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (this project needs Python 3.11)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+# Main job: the whole DVC pipeline on the embedded (offline) sample set.
+repro: setup
+	$(BIN)/dvc repro
+
+# System packages the browser and PostgreSQL tests use (Debian/Ubuntu, root only).
+# Without them those tests are skipped with a message saying so.
+sysdeps:
+	@if command -v chromium >/dev/null && command -v pg_ctlcluster >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium postgresql >/dev/null; \
+	else echo "note: chromium/postgresql missing and not root: browser and PostgreSQL tests will be skipped"; fi
+
+test: setup sysdeps
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python src/bench.py
+
+compare: setup
+	$(BIN)/python src/compare.py
+
+tune: setup
+	$(BIN)/python src/tune.py
+
+mlflow-server: setup
+	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow-server.db \
+	  --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+
+clean-venv:
+	rm -rf $(VENV)
