@@ -1,0 +1,38 @@
+"""Shared command-line plumbing: logging and clear one-line errors for expected failures."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+from .config import ConfigError
+
+
+class UserError(RuntimeError):
+    """An expected failure with a message for the user (no traceback)."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines with a timestamp; keep TensorFlow's C++ chatter down."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "absl", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(main: Callable[[], object], expected: tuple[type[BaseException], ...] = ()) -> None:
+    """Call ``main``; expected errors print ``error: ...`` and exit 1 instead of a traceback."""
+    try:
+        main()
+    except (ConfigError, UserError, FileNotFoundError, *expected) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
