@@ -1,0 +1,174 @@
+"""reports/index.html: one self-contained page (images inlined) that opens from disk.
+
+Sections appear when their inputs exist: the run summary and metrics (evaluate), training curves
+(train), image comparisons (evaluate), the loss comparison (compare.py), the tuning study (tune.py),
+mean opinion scores (mos.py) and the benchmark (bench.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from .fsutil import read_json, write_text_atomic
+
+MAX_COMPARISONS = 12  # keep the page light on DIV2K-sized validation sets
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1rem 2rem;color:#222}
+h1{margin-bottom:.2rem} h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.5rem 0} td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
+th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
+img{max-width:100%;height:auto;image-rendering:pixelated} .muted{color:#777;font-size:.9em}
+.better{color:#0a7d22;font-weight:600} .worse{color:#b00020;font-weight:600} figure{margin:1rem 0}
+figcaption{font-size:.9em;color:#555} code{background:#f4f4f4;padding:0 .2rem}
+"""
+
+
+def data_uri(path: Path) -> str:
+    """The file as a base64 data URI (so the page has no external references)."""
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+    return f"data:{mime.get(path.suffix.lower(), 'application/octet-stream')};base64," + base64.b64encode(
+        path.read_bytes()).decode()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return html.escape(str(v))
+
+
+def table(rows: list[dict[str, Any]], keys: list[str] | None = None) -> str:
+    """An HTML table of dict rows."""
+    if not rows:
+        return "<p class=muted>(no rows)</p>"
+    keys = keys or list(rows[0])
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(k, ''))}</td>" for k in keys) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def curves_png(history_csv: Path) -> bytes | None:
+    """Training curves (losses and validation PSNR) as PNG bytes."""
+    if not history_csv.exists():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with history_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    keys = [k for k in ("g_mse", "g_vgg", "g_adv", "d_loss") if k in rows[0]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for k in keys:
+        x, y = series(k)
+        if y:
+            axes[0].plot(x, y, label=k)
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("step")
+    axes[0].set_title("losses")
+    axes[0].legend()
+    if "val_psnr_y" in rows[0] or any(r.get("val_psnr_y") for r in rows):
+        x, y = series("val_psnr_y")
+        axes[1].plot(x, y, "o-", label="generator")
+    axes[1].set_xlabel("step")
+    axes[1].set_title("validation PSNR-Y (dB)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _metric_section(metrics: dict[str, Any]) -> str:
+    rows = []
+    for k in ("psnr_y", "ssim_y", "psnr_rgb"):
+        if k in metrics:
+            sr, bic = metrics[k], metrics.get(f"bicubic_{k}")
+            gain = sr - bic if bic is not None else None
+            cls = "better" if gain and gain > 0 else "worse"
+            rows.append(f"<tr><td>{k}</td><td>{_fmt(sr)}</td><td>{_fmt(bic)}</td>"
+                        f"<td class={cls}>{gain:+.4f}</td></tr>")
+    return ("<table><thead><tr><th>metric</th><th>SRGAN generator</th><th>bicubic</th><th>gain</th></tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table>"
+            f"<p class=muted>Means over {metrics.get('n_images', '?')} whole validation images, x{metrics.get('scale', '?')}; "
+            "Y channel (BT.601), border of <i>scale</i> pixels cropped, SR rounded to 8 bits (the SRGAN/BasicSR convention).</p>")
+
+
+def _images_section(title: str, paths: list[Path], note: str = "") -> str:
+    if not paths:
+        return ""
+    figs = "".join(f"<figure><img alt='{html.escape(p.stem)}' src='{data_uri(p)}'>"
+                   f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in paths)
+    return f"<h2>{html.escape(title)}</h2>{note}{figs}"
+
+
+def build(reports_dir: Path, params: dict[str, Any] | None = None) -> Path:
+    """Write reports_dir/index.html from whatever report files exist; returns its path."""
+    reports_dir = Path(reports_dir)
+    parts = ["<!doctype html><html lang=en><head><meta charset=utf-8>",
+             "<meta name=viewport content='width=device-width,initial-scale=1'>",
+             f"<title>SRGAN report</title><style>{CSS}</style></head><body>",
+             "<h1>SRGAN super-resolution report</h1>"]
+    summary = read_json(reports_dir / "train" / "train_summary.json", {})
+    if summary:
+        parts.append(f"<p class=muted>MLflow run <code>{html.escape(str(summary.get('run_id')))}</code> · "
+                     f"{summary.get('total_steps', '?')} steps</p>")
+    metrics = read_json(reports_dir / "metrics.json")
+    if metrics:
+        parts += ["<h2 id=metrics>Metrics against bicubic</h2>", _metric_section(metrics)]
+    per_image = reports_dir / "per_image.csv"
+    if per_image.exists():
+        with per_image.open() as f:
+            rows = list(csv.DictReader(f))
+        parts += ["<details><summary>Per-image metrics</summary>", table(rows), "</details>"]
+    png = curves_png(reports_dir / "train" / "history.csv")
+    if png:
+        uri = "data:image/png;base64," + base64.b64encode(png).decode()
+        parts += ["<h2 id=curves>Training curves</h2>", f"<img alt='training curves' src='{uri}'>"]
+    comps = sorted((reports_dir / "eval").glob("*_compare.png"))
+    parts.append(_images_section(
+        "Comparisons", comps[:MAX_COMPARISONS],
+        "<p class=muted>LR (nearest) | bicubic | SRGAN | HR; below, the boxed detail enlarged.</p>"))
+    if len(comps) > MAX_COMPARISONS:
+        parts.append(f"<p class=muted>{len(comps) - MAX_COMPARISONS} more in reports/eval/.</p>")
+    compare_md = reports_dir / "compare" / "runs.md"
+    if compare_md.exists():
+        parts += ["<h2 id=compare>Objective functions compared</h2>",
+                  f"<pre>{html.escape(compare_md.read_text())}</pre>"]
+        parts.append(_images_section("", sorted((reports_dir / "compare").glob("*.png"))))
+    tune_dir = reports_dir / "tune"
+    if (tune_dir / "best_params.yaml").exists():
+        parts += ["<h2 id=tune>Loss-weight search (Optuna)</h2>",
+                  f"<pre>{html.escape((tune_dir / 'best_params.yaml').read_text())}</pre>"]
+        parts.append(_images_section("", sorted(tune_dir.glob("*.png"))))
+    mos = read_json(reports_dir / "mos.json")
+    if mos:
+        parts += ["<h2 id=mos>Mean opinion score</h2>"]
+        if (reports_dir / "mos.md").exists():
+            parts.append(f"<pre>{html.escape((reports_dir / 'mos.md').read_text())}</pre>")
+        if (reports_dir / "mos.png").exists():
+            parts.append(f"<img alt='MOS' src='{data_uri(reports_dir / 'mos.png')}'>")
+    bench = read_json(reports_dir / "bench.json")
+    if bench:
+        parts += ["<h2 id=bench>Benchmark</h2>", f"<pre>{html.escape(json.dumps(bench, indent=2))}</pre>"]
+    if params:
+        flat = [{"param": k, "value": v} for k, v in sorted(params.items())]
+        parts += ["<h2 id=params>Params</h2><details><summary>all params</summary>", table(flat), "</details>"]
+    parts.append("</body></html>")
+    out = reports_dir / "index.html"
+    write_text_atomic(out, "\n".join(p for p in parts if p))
+    return out
