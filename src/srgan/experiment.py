@@ -87,6 +87,8 @@ def run_training(
     callbacks: Sequence[Callback] = (),
     parent_run_id: str | None = None,
     run_name: str | None = None,
+    extra_tags: dict[str, object] | None = None,
+    exception_status: dict[type, str] | None = None,
 ) -> tuple[str, TrainResult]:
     """Train under an MLflow run (resumed if ``ckpt_dir`` remembers one); returns (run id, result).
 
@@ -103,7 +105,8 @@ def run_training(
     if run is None:
         run = tracking.start_run(
             cfg.tracking.experiment, run_name=run_name, parent_run_id=parent_run_id,
-            tags={**tracking.config_tags(cfg, data.manifest_digest), "adv.loss": cfg.adv.loss},
+            tags={**tracking.config_tags(cfg, data.manifest_digest), "adv.loss": cfg.adv.loss,
+                  **(extra_tags or {})},
         )
     if state_path is not None:
         write_json_atomic(state_path, {**read_json(state_path, {}), "run_id": run.run_id})
@@ -112,7 +115,7 @@ def run_training(
     if reports_dir is not None:
         cbs.append(HistoryWriter(Path(reports_dir) / "history.csv"))
     started = time.time()
-    with tracking.run_context(run):
+    with tracking.run_context(run, exception_status):
         run.log_dict(cfg.to_dict(), "config/params.json")
         trainer, result = train(cfg, data, ckpt_dir, cbs)
         summary = {**baseline, **result.val, "train_seconds_this_session": time.time() - started,

@@ -194,15 +194,20 @@ def resume_run(run_id: str) -> Run | None:
 
 
 @contextmanager
-def run_context(run: Run) -> Iterator[Run]:
-    """End ``run`` FINISHED on success, KILLED on Ctrl-C, FAILED on any error."""
+def run_context(run: Run, exception_status: dict[type, str] | None = None) -> Iterator[Run]:
+    """End ``run`` FINISHED on success, KILLED on Ctrl-C, FAILED on any error.
+
+    ``exception_status`` maps other exception types to a status (e.g. a pruned trial -> KILLED).
+    """
     try:
         yield run
     except KeyboardInterrupt:
         run.end("KILLED")
         raise
-    except BaseException:
-        run.end("FAILED")
+    except BaseException as exc:
+        status = next((s for t, s in (exception_status or {}).items() if isinstance(exc, t)), "FAILED")
+        run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        run.end(status)
         raise
     else:
         run.end("FINISHED")
@@ -266,6 +271,14 @@ def search_runs(experiment: str, filter_string: str = "") -> list[dict[str, Any]
         if not page_token:
             break
     return out
+
+
+def search_runs_by_tags(tags: dict[str, str]) -> list[str]:
+    """Ids of runs (any experiment) whose tags match all of ``tags``."""
+    client = _client()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return [r.info.run_id for r in client.search_runs(exps, filter_string=flt)]
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:

@@ -1,0 +1,310 @@
+"""Optuna search over the Per-Pix loss weights and the adversarial loss.
+
+Every trial trains through ``experiment.run_training`` (the train stage's code path) as a nested
+MLflow run under one parent run per tune session. The study lives in persistent storage (a journal
+file under the project by default, or an RDB URL such as PostgreSQL for several machines), so that
+killing ``tune.py`` and starting it again continues the same study.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .config import ROOT, Config, replace
+from .fsutil import write_text_atomic
+from .trainer import Callback, NonFiniteLossError, TrainData
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORAGE = ROOT / "optuna" / "journal.log"
+OBJECTIVE_KEYS = {"psnr_y": "val_psnr_y", "ssim_y": "val_ssim_y"}
+
+
+def make_storage(url: str | None):
+    """Optuna storage from a URL: RDB (postgresql://, sqlite:///, mysql://) or a journal file path.
+
+    SQLite is for one process only; the journal file supports several processes on one machine;
+    PostgreSQL supports workers on several machines (with heartbeats to fail dead workers' trials).
+    """
+    import optuna
+    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    if url and re.match(r"^[a-z0-9+]+://", url):
+        return RDBStorage(url, heartbeat_interval=30, grace_period=120,
+                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+    path = Path(url.removeprefix("journal:")) if url else DEFAULT_STORAGE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def directions(cfg: Config) -> list[str]:
+    return ["maximize"] * len(cfg.tune.objectives)
+
+
+def make_sampler(cfg: Config, seed: int | None):
+    import optuna
+
+    if len(cfg.tune.objectives) > 1:
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if cfg.tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(cfg: Config):
+    import optuna
+
+    t = cfg.tune
+    if t.pruner == "none" or len(t.objectives) > 1:  # Optuna cannot prune multi-objective trials
+        return optuna.pruners.NopPruner()
+    if t.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=t.report_every,
+                                              max_resource=t.pretrain_steps + t.gan_steps)
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=t.report_every)
+
+
+def open_study(cfg: Config, study_name: str, storage_url: str | None, seed: int | None = None):
+    """Create or load the study (same name and storage -> the same study, resumed)."""
+    import optuna
+
+    return optuna.create_study(
+        study_name=study_name, storage=make_storage(storage_url), load_if_exists=True,
+        directions=directions(cfg), sampler=make_sampler(cfg, seed), pruner=make_pruner(cfg),
+    )
+
+
+def suggest(trial, cfg: Config) -> Config:
+    """The trial's config: sampled Per-Pix weights and loss, the tune section's step budget."""
+    t = cfg.tune
+    over: dict[str, Any] = {
+        "loss.w_mse": trial.suggest_float("w_mse", *t.w_mse, log=True),
+        "loss.w_vgg": trial.suggest_float("w_vgg", *t.w_vgg, log=True),
+        "loss.w_adv": trial.suggest_float("w_adv", *t.w_adv, log=True),
+        "adv.loss": trial.suggest_categorical("adv_loss", list(t.losses)),
+        "train.pretrain_steps": t.pretrain_steps,
+        "train.gan_steps": t.gan_steps,
+        "train.val_every": t.report_every,
+        "train.log_every": min(cfg.train.log_every, t.report_every),
+    }
+    if t.lr_gan:
+        over["train.lr_gan"] = trial.suggest_float("lr_gan", *t.lr_gan, log=True)
+    return replace(cfg, over)
+
+
+PARAM_KEYS = {"w_mse": "loss.w_mse", "w_vgg": "loss.w_vgg", "w_adv": "loss.w_adv",
+              "adv_loss": "adv.loss", "lr_gan": "train.lr_gan"}
+
+
+class PruningCallback(Callback):
+    """Reports validation PSNR-Y to the trial; raises TrialPruned when the pruner says so."""
+
+    def __init__(self, trial, single_objective: bool):
+        self.trial, self.single = trial, single_objective
+
+    def on_validation(self, step: int, metrics: dict[str, float], grid) -> None:
+        import optuna
+
+        if not self.single:
+            return
+        self.trial.report(metrics["val_psnr_y"], step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} (val PSNR-Y {metrics['val_psnr_y']:.3f})")
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def recover_dead_trials(study) -> int:
+    """Fail RUNNING trials left by a killed process on this host and queue their params again.
+
+    A journal file has no heartbeats, so a killed tune.py leaves its trial RUNNING forever; the
+    trial never finished, so re-running it loses and repeats nothing.
+    """
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    n = 0
+    for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = tr.user_attrs.get("worker", "")
+        w_host, _, pid = worker.partition(":")
+        if w_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
+        study.enqueue_trial(tr.params, user_attrs={"retry_of": tr.number})
+        log.warning("trial %d was left running by a dead process (%s): failed and queued again", tr.number, worker)
+        n += 1
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child is dead for our purpose
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None):
+    """The objective: train one trial config, return validation PSNR-Y (and SSIM-Y)."""
+    import optuna
+
+    single = len(cfg.tune.objectives) == 1
+
+    def objective(trial: optuna.Trial):
+        import keras
+
+        trial.set_user_attr("worker", _worker_id())
+        tcfg = suggest(trial, cfg)
+        from .experiment import run_training
+
+        keras.backend.clear_session()  # free the previous trial's graphs
+        try:
+            run_id, result = run_training(
+                tcfg, data, model_path=None, callbacks=[PruningCallback(trial, single)],
+                parent_run_id=parent_run_id, run_name=f"trial-{trial.number}",
+                extra_tags={"optuna.study": trial.study.study_name, "optuna.trial": trial.number},
+                exception_status={optuna.TrialPruned: "KILLED"},
+            )
+        except optuna.TrialPruned:
+            raise
+        except NonFiniteLossError as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        trial.set_user_attr("mlflow_run_id", run_id)
+        values = [result.val[OBJECTIVE_KEYS[o]] for o in cfg.tune.objectives]
+        return values[0] if single else values
+
+    return objective
+
+
+def tag_trial_run(study, trial) -> None:
+    """Study callback: record the trial's final state on its MLflow child run."""
+    run_id = trial.user_attrs.get("mlflow_run_id") or _find_trial_run(study, trial)
+    if run_id:
+        tracking.Run(run_id).set_tags({"optuna.state": trial.state.name.lower()})
+
+
+def _find_trial_run(study, trial) -> str | None:
+    runs = tracking.search_runs_by_tags({"optuna.study": study.study_name, "optuna.trial": str(trial.number)})
+    return runs[0] if runs else None
+
+
+def run_study(cfg: Config, data: TrainData, study_name: str, storage_url: str | None,
+              n_trials: int | None, timeout: float | None, parent_run_id: str | None) -> Any:
+    """Add ``n_trials`` trials to the study in this process; returns the study."""
+    study = open_study(cfg, study_name, storage_url, seed=None)
+    recover_dead_trials(study)
+    study.optimize(
+        make_objective(cfg, data, parent_run_id), n_trials=n_trials, timeout=timeout,
+        catch=(NonFiniteLossError,), callbacks=[tag_trial_run], gc_after_trial=True,
+    )
+    return study
+
+
+def best_overrides(study, cfg: Config) -> dict[str, Any]:
+    """Dotted params.yaml keys of the best trial (single objective) or the best-PSNR Pareto trial."""
+    best = study.best_trial if len(cfg.tune.objectives) == 1 else max(study.best_trials, key=lambda t: t.values[0])
+    out = {PARAM_KEYS[k]: v for k, v in best.params.items()}
+    return out
+
+
+def write_outputs(study, cfg: Config, out_dir: Path) -> dict[str, Path]:
+    """best_params.yaml, trials.csv and plots (history, importances, Pareto front)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    import yaml
+    from optuna.trial import TrialState
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    df = study.trials_dataframe()
+    tmp = out_dir / ".trials.csv.tmp"
+    df.to_csv(tmp, index=False)
+    tmp.replace(out_dir / "trials.csv")
+    paths["trials"] = out_dir / "trials.csv"
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        return paths
+    best = best_overrides(study, cfg)
+    values = dict(zip(cfg.tune.objectives, (study.best_trial.values if len(cfg.tune.objectives) == 1
+                                             else max(study.best_trials, key=lambda t: t.values[0]).values)))
+    text = ("# Best trial of study '%s' (%d complete trials). Apply with: python src/tune.py --apply\n"
+            % (study.study_name, len(complete)))
+    text += yaml.safe_dump({"objective": values, "params": best}, sort_keys=True)
+    write_text_atomic(out_dir / "best_params.yaml", text)
+    paths["best"] = out_dir / "best_params.yaml"
+    vis = optuna.visualization.matplotlib
+    plots = {"history": lambda: vis.plot_optimization_history(
+        study, target=(lambda t: t.values[0]) if len(cfg.tune.objectives) > 1 else None,
+        target_name=cfg.tune.objectives[0])}
+    if len(complete) >= 2:
+        plots["importances"] = lambda: vis.plot_param_importances(
+            study, target=(lambda t: t.values[0]) if len(cfg.tune.objectives) > 1 else None)
+    if len(cfg.tune.objectives) > 1:
+        plots["pareto"] = lambda: vis.plot_pareto_front(study, target_names=cfg.tune.objectives)
+    import warnings
+
+    for name, fn in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+                ax = fn()
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.set_size_inches(7, 4)
+            fig.tight_layout()
+            fig.savefig(out_dir / f"{name}.png", dpi=90)
+            plt.close(fig)
+            paths[name] = out_dir / f"{name}.png"
+        except (ValueError, RuntimeError) as exc:  # e.g. importances of a constant objective
+            log.warning("plot %s skipped: %s", name, exc)
+    return paths
+
+
+def apply_to_params(best: dict[str, Any], params_path: Path) -> list[str]:
+    """Write dotted-key values into params.yaml in place, keeping its comments and layout."""
+    lines = Path(params_path).read_text().splitlines(keepends=True)
+    changed = []
+    for dotted, value in best.items():
+        *sections, key = dotted.split(".")
+        depth, i, found = 0, 0, False
+        for sec in sections:  # walk down the indented sections
+            pat = re.compile(rf"^{'  ' * depth}{re.escape(sec)}:\s*(#.*)?$")
+            while i < len(lines) and not pat.match(lines[i].rstrip("\n")):
+                i += 1
+            depth += 1
+            i += 1
+        pat = re.compile(rf"^({'  ' * depth}{re.escape(key)}:\s*)([^#\n]*?)(\s*#.*)?$")
+        while i < len(lines):
+            m = pat.match(lines[i].rstrip("\n"))
+            if m:
+                val = repr(value) if isinstance(value, float) else str(value)
+                width = len(m.group(2))
+                lines[i] = f"{m.group(1)}{val.ljust(width) if m.group(3) else val}{m.group(3) or ''}\n"
+                changed.append(f"{dotted}: {m.group(2).strip()} -> {val}")
+                found = True
+                break
+            i += 1
+        if not found:
+            raise KeyError(f"{dotted}: not found in {params_path}")
+    write_text_atomic(Path(params_path), "".join(lines))
+    return changed
