@@ -1,0 +1,273 @@
+"""srgan.sources (sample | div2k | coco) end to end, with tiny archives on a local HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _http import FileServer
+from PIL import Image
+
+import fetch as fetch_cli
+from srgan import config
+from srgan.download import Archive, DigestMismatchError, UnsafeArchiveError
+from srgan.sources import SAMPLE_TRAIN, SAMPLE_VALID, SourceError, fetch, sample_dir, seeded_subset
+
+FAST = {"retries": 2, "backoff": 0.0, "timeout": 10.0, "progress": False}
+
+
+def _image(seed: int, fmt: str, size: int = 8) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _table(files: dict[str, bytes]) -> dict[str, Archive]:
+    """Archive table with digests computed here, in place of the published ones."""
+    return {n: Archive(n, len(b), hashlib.sha256(b).hexdigest()) for n, b in files.items()}
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# -- DIV2K -------------------------------------------------------------------------------------------
+TRAIN_IDS = ["0001", "0002", "0003", "0004"]
+VALID_IDS = ["0801", "0802"]
+HR = {i: _image(int(i), "PNG", 16) for i in TRAIN_IDS + VALID_IDS}
+LR = {i: _image(10_000 + int(i), "PNG", 4) for i in TRAIN_IDS + VALID_IDS}
+LR_TRAIN, LR_VALID = "DIV2K_train_LR_bicubic/X4", "DIV2K_valid_LR_bicubic/X4"
+
+
+def _div2k_files(extra_train: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    train = {f"DIV2K_train_HR/{i}.png": HR[i] for i in TRAIN_IDS}
+    train["DIV2K_train_HR/"] = b""  # directory entry, as real archives have
+    return {
+        "DIV2K_train_HR.zip": _zip({**train, **(extra_train or {})}),
+        "DIV2K_valid_HR.zip": _zip({f"DIV2K_valid_HR/{i}.png": HR[i] for i in VALID_IDS}),
+        "DIV2K_train_LR_bicubic_X4.zip": _zip({f"{LR_TRAIN}/{i}x4.png": LR[i] for i in TRAIN_IDS}),
+        "DIV2K_valid_LR_bicubic_X4.zip": _zip({f"{LR_VALID}/{i}x4.png": LR[i] for i in VALID_IDS}),
+    }
+
+
+@pytest.fixture
+def div2k():
+    files = _div2k_files()
+    with FileServer(files) as s:
+        yield s, _table(files)
+
+
+def _cfg(overrides: dict) -> config.Config:
+    return config.replace(config.Config(), overrides)
+
+
+def test_div2k_download_extract_split(div2k, tmp_path):
+    server, table = div2k
+    cfg = _cfg({"data.source": "div2k", "data.div2k.base_url": server.url, "data.div2k.include_lr": True})
+    raw, dl = tmp_path / "data/raw", tmp_path / "data/downloads"
+    manifest = fetch(cfg, raw, dl, archives=table, **FAST)
+
+    expected = {f"train/{i}.png": HR[i] for i in TRAIN_IDS} | {f"valid/{i}.png": HR[i] for i in VALID_IDS}
+    expected |= {f"train_lr/{i}x4.png": LR[i] for i in TRAIN_IDS}
+    expected |= {f"valid_lr/{i}x4.png": LR[i] for i in VALID_IDS}
+    got = _tree(raw)
+    assert json.loads(got.pop("fetch.json")) == manifest
+    assert got == expected
+    assert manifest["source"] == "div2k"
+    assert manifest["counts"] == {"train": 4, "valid": 2, "train_lr": 4, "valid_lr": 2}
+    for split, files in manifest["splits"].items():
+        for name, digest in files.items():
+            assert hashlib.sha256((raw / split / name).read_bytes()).hexdigest() == digest
+    assert {a["name"]: a["sha256"] for a in manifest["archives"]} == {n: a.sha256 for n, a in table.items()}
+    assert sorted(p.name for p in dl.iterdir()) == sorted([*table, *(n + ".sha256" for n in table)])
+    assert sorted(p.name for p in raw.parent.iterdir()) == ["downloads", "raw"]  # no temp dirs left
+
+
+def test_div2k_hr_only_by_default(div2k, tmp_path):
+    server, table = div2k
+    cfg = _cfg({"data.source": "div2k", "data.div2k.base_url": server.url.rstrip("/")})  # mirror w/o slash
+    manifest = fetch(cfg, tmp_path / "raw", tmp_path / "dl", archives=table, **FAST)
+    assert manifest["counts"] == {"train": 4, "valid": 2}
+    assert sorted(p for p, _ in server.requests) == ["DIV2K_train_HR.zip", "DIV2K_valid_HR.zip"]
+
+
+def test_second_run_does_no_network(div2k, tmp_path):
+    server, table = div2k
+    cfg = _cfg({"data.source": "div2k", "data.div2k.base_url": server.url, "data.div2k.include_lr": True})
+    first = fetch(cfg, tmp_path / "raw", tmp_path / "dl", archives=table, **FAST)
+    n = len(server.requests)
+    assert n == 4
+    second = fetch(cfg, tmp_path / "raw", tmp_path / "dl", archives=table, **FAST)
+    assert len(server.requests) == n
+    assert second == first
+
+
+def test_cut_mid_archive_is_resumed(div2k, tmp_path):
+    server, table = div2k
+    server.cut_after["DIV2K_train_HR.zip"] = 500
+    cfg = _cfg({"data.source": "div2k", "data.div2k.base_url": server.url})
+    manifest = fetch(cfg, tmp_path / "raw", tmp_path / "dl", archives=table, **FAST)
+    train_requests = [r for p, r in server.requests if p == "DIV2K_train_HR.zip"]
+    assert train_requests == [None, "bytes=500-"]
+    assert manifest["counts"]["train"] == 4
+
+
+def test_digest_mismatch_leaves_no_raw(div2k, tmp_path):
+    server, table = div2k
+    bad = dict(table)
+    bad["DIV2K_valid_HR.zip"] = Archive("DIV2K_valid_HR.zip", table["DIV2K_valid_HR.zip"].size, "ab" * 32)
+    cfg = _cfg({"data.source": "div2k", "data.div2k.base_url": server.url})
+    with pytest.raises(DigestMismatchError, match="DIV2K_valid_HR.zip: SHA-256 mismatch: expected abab"):
+        fetch(cfg, tmp_path / "raw", tmp_path / "dl", archives=bad, **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dl"]  # no raw, no raw.tmp-*
+    assert not list((tmp_path / "dl").glob("DIV2K_valid_HR.zip*"))  # no finished file, no .part
+
+
+def test_failed_fetch_keeps_previous_raw(div2k, tmp_path):
+    server, table = div2k
+    cfg = _cfg({"data.source": "sample"})
+    fetch(cfg, tmp_path / "raw", tmp_path / "dl", **FAST)
+    before = _tree(tmp_path / "raw")
+    bad = {n: Archive(n, a.size, "cd" * 32) for n, a in table.items()}
+    cfg = _cfg({"data.source": "div2k", "data.div2k.base_url": server.url})
+    with pytest.raises(DigestMismatchError):
+        fetch(cfg, tmp_path / "raw", tmp_path / "dl", archives=bad, **FAST)
+    assert _tree(tmp_path / "raw") == before
+
+
+def test_path_traversal_archive_is_refused(tmp_path):
+    files = _div2k_files(extra_train={"DIV2K_train_HR/../../evil.png": b"x"})
+    with FileServer(files) as server:
+        cfg = _cfg({"data.source": "div2k", "data.div2k.base_url": server.url})
+        with pytest.raises(UnsafeArchiveError, match=r"DIV2K_train_HR.zip: entry .*evil.png.* '\.\.'"):
+            fetch(cfg, tmp_path / "data/raw", tmp_path / "data/dl", archives=_table(files), **FAST)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dl"]
+    assert not list(tmp_path.rglob("evil.png"))
+
+
+# -- sample ------------------------------------------------------------------------------------------
+def test_sample_is_offline_and_split_as_specified(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the sample source must not touch the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    manifest = fetch(_cfg({}), tmp_path / "raw", tmp_path / "dl")
+    raw, src = tmp_path / "raw", sample_dir()
+    assert sorted(p.name for p in (raw / "train").iterdir()) == sorted(SAMPLE_TRAIN)
+    assert sorted(p.name for p in (raw / "valid").iterdir()) == ["chelsea.png", "rocket.jpg"]
+    assert len(SAMPLE_TRAIN) == 7 and set(SAMPLE_TRAIN).isdisjoint(SAMPLE_VALID)
+    assert {"motorcycle_left.png", "motorcycle_right.png"} <= set(SAMPLE_TRAIN)  # near-duplicates together
+    for split in ("train", "valid"):
+        for p in (raw / split).iterdir():
+            assert p.read_bytes() == (src / p.name).read_bytes()  # byte-for-byte copies
+            assert manifest["splits"][split][p.name] == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert manifest["source"] == "sample" and manifest["archives"] == []
+    assert not (tmp_path / "dl").exists()
+
+
+# -- COCO --------------------------------------------------------------------------------------------
+VAL_NAMES = [f"{i:012d}.jpg" for i in range(100, 130)]
+TRAIN_NAMES = [f"{i:012d}.jpg" for i in range(500, 520)]
+
+
+@pytest.fixture(scope="module")
+def coco_files() -> dict[str, bytes]:
+    return {
+        "val2017.zip": _zip({f"val2017/{n}": _image(i, "JPEG") for i, n in enumerate(VAL_NAMES)}),
+        "train2017.zip": _zip({f"train2017/{n}": _image(99 + i, "JPEG") for i, n in enumerate(TRAIN_NAMES)}),
+    }
+
+
+@pytest.fixture
+def coco(coco_files):
+    with FileServer(coco_files) as s:
+        yield s, _table(coco_files)
+
+
+def _coco_cfg(server: FileServer, **kw) -> config.Config:
+    over = {"data.source": "coco", "data.coco.base_url": server.url, "data.coco.train_images": 12,
+            "data.coco.valid_images": 6}
+    over |= {f"data.coco.{k}": v for k, v in kw.items() if k != "seed"}
+    return _cfg(over | {"seed": kw.get("seed", 42)})
+
+
+def test_coco_subset_deterministic_and_disjoint(coco, tmp_path):
+    server, table = coco
+    a = fetch(_coco_cfg(server), tmp_path / "a", tmp_path / "dl", archives=table, **FAST)
+    b = fetch(_coco_cfg(server), tmp_path / "b", tmp_path / "dl", archives=table, **FAST)
+    assert a == b and _tree(tmp_path / "a") == _tree(tmp_path / "b")
+    train, valid = set(a["splits"]["train"]), set(a["splits"]["valid"])
+    assert len(train) == 12 and len(valid) == 6 and not train & valid
+    assert train | valid <= set(VAL_NAMES)
+    order = seeded_subset(VAL_NAMES, 42)  # sorted, then shuffled by the seed
+    assert valid == set(order[:6]) and train == set(order[6:18])
+    # only the chosen members were extracted
+    assert sorted(_tree(tmp_path / "a")) == sorted(["fetch.json", *(f"train/{n}" for n in train),
+                                                    *(f"valid/{n}" for n in valid)])
+    assert [p for p, _ in server.requests] == ["val2017.zip"]  # train2017 not needed
+    c = fetch(_coco_cfg(server, seed=7), tmp_path / "c", tmp_path / "dl", archives=table, **FAST)
+    assert set(c["splits"]["valid"]) != valid  # the seed matters
+
+
+def test_coco_valid_stable_when_train_size_changes(coco, tmp_path):
+    server, table = coco
+    a = fetch(_coco_cfg(server), tmp_path / "a", tmp_path / "dl", archives=table, **FAST)
+    b = fetch(_coco_cfg(server, train_images=3), tmp_path / "b", tmp_path / "dl", archives=table, **FAST)
+    assert a["splits"]["valid"] == b["splits"]["valid"]
+
+
+def test_coco_train2017_feeds_train(coco, tmp_path):
+    server, table = coco
+    m = fetch(_coco_cfg(server, train_archive="train2017"), tmp_path / "raw", tmp_path / "dl",
+              archives=table, **FAST)
+    assert set(m["splits"]["train"]) == set(seeded_subset(TRAIN_NAMES, 42)[:12])
+    assert set(m["splits"]["valid"]) == set(seeded_subset(VAL_NAMES, 42)[:6])
+    assert {a["name"] for a in m["archives"]} == {"val2017.zip", "train2017.zip"}
+
+
+def test_coco_too_many_images_is_a_clear_error(coco, tmp_path):
+    server, table = coco
+    with pytest.raises(SourceError, match="= 36, but val2017.zip holds only 30 images"):
+        fetch(_coco_cfg(server, train_images=30), tmp_path / "raw", tmp_path / "dl", archives=table, **FAST)
+    assert not (tmp_path / "raw").exists()
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+def test_cli_sample_and_one_line_errors(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  source: sample\n")
+    assert fetch_cli.main(["--params", str(params), "--raw-dir", str(tmp_path / "raw"),
+                           "--download-dir", str(tmp_path / "dl")]) == 0
+    assert json.loads((tmp_path / "raw/fetch.json").read_text())["counts"] == {"train": 7, "valid": 2}
+
+    params.write_text("data:\n  source: nope\n")
+    assert fetch_cli.main(["--params", str(params), "--raw-dir", str(tmp_path / "raw")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fetch: error:") and "data.source" in err[0]
+
+
+def test_cli_reports_digest_mismatch_in_one_line(div2k, tmp_path, capsys):
+    server, _ = div2k  # real published sizes/digests: the tiny test archives cannot match them
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  source: div2k\n  div2k:\n    base_url: {server.url}\n")
+    rc = fetch_cli.main(["--params", str(params), "--raw-dir", str(tmp_path / "raw"),
+                         "--download-dir", str(tmp_path / "dl")])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fetch: error: DIV2K_train_HR.zip: size mismatch: expected 3530603713 bytes")
+    assert "Traceback" not in "\n".join(err)
