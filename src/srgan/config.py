@@ -97,7 +97,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     w_mse: float = _f(1.0, 0.0)
-    w_vgg: float = _f(0.006, 0.0)
+    w_vgg: float = _f(1.0, 0.0)
     w_adv: float = _f(0.001, 0.0)
 
 
@@ -123,6 +123,7 @@ class TrainConfig:
     gan_steps: int = _f(200, 0)
     lr_pretrain: float = _f(2e-4, 0.0, lo_open=True)
     lr_gan: float = _f(1e-4, 0.0, lo_open=True)
+    lr_schedule_pretrain: Literal["constant", "step", "cosine"] = "step"
     lr_schedule: Literal["constant", "step", "cosine"] = "step"
     lr_decay_every: int = _f(0, 0)
     lr_decay_factor: float = _f(0.1, 0.0, 1.0, lo_open=True)

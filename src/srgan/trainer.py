@@ -8,6 +8,7 @@ input pipeline is deterministic for a seed and is skipped ahead on resume.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -86,14 +87,14 @@ def make_strategy(mode: str):
     return tf.distribute.get_strategy()  # the default (no-op) strategy
 
 
-def lr_schedule(base: float, phase_steps: int, cfg: Config):
+def lr_schedule(base: float, phase_steps: int, kind: str, cfg: Config):
     """Keras learning-rate schedule of one phase (its optimizer counts the phase's steps)."""
     import keras
 
     t = cfg.train
-    if t.lr_schedule == "constant" or phase_steps == 0:
+    if kind == "constant" or phase_steps == 0:
         return base
-    if t.lr_schedule == "cosine":
+    if kind == "cosine":
         return keras.optimizers.schedules.CosineDecay(base, decay_steps=max(phase_steps, 1))
     every = t.lr_decay_every or max(phase_steps // 2, 1)
     return keras.optimizers.schedules.ExponentialDecay(
@@ -144,11 +145,17 @@ class Trainer:
         self.adv = losses.ADVERSARIAL[cfg.adv.loss]
         with self.strategy.scope():
             self.G = models.build_generator(cfg.model.generator, self.scale)
-            self.D = models.build_discriminator(cfg.model.discriminator, t.hr_patch)
+            dcfg = cfg.model.discriminator
+            if self.adv.needs_gradient_penalty and dcfg.batch_norm:
+                # BN mixes samples, so the per-sample gradient penalty is ill-defined (Gulrajani et
+                # al. 2017 drop it from the critic): build the critic without BN for this loss.
+                log.warning("adv.loss=%s: discriminator built without batch norm", cfg.adv.loss)
+                dcfg = dataclasses.replace(dcfg, batch_norm=False)
+            self.D = models.build_discriminator(dcfg, t.hr_patch)
             self.vgg = losses.build_vgg_extractor(cfg.vgg, cfg.seed) if cfg.loss.w_vgg > 0 else None
-            self.opt_pre = keras.optimizers.Adam(lr_schedule(t.lr_pretrain, t.pretrain_steps, cfg), beta_1=t.adam_beta1)
-            self.opt_g = keras.optimizers.Adam(lr_schedule(t.lr_gan, t.gan_steps, cfg), beta_1=t.adam_beta1)
-            self.opt_d = keras.optimizers.Adam(lr_schedule(t.lr_gan, t.gan_steps, cfg), beta_1=t.adam_beta1)
+            self.opt_pre = keras.optimizers.Adam(lr_schedule(t.lr_pretrain, t.pretrain_steps, t.lr_schedule_pretrain, cfg), beta_1=t.adam_beta1)
+            self.opt_g = keras.optimizers.Adam(lr_schedule(t.lr_gan, t.gan_steps, t.lr_schedule, cfg), beta_1=t.adam_beta1)
+            self.opt_d = keras.optimizers.Adam(lr_schedule(t.lr_gan, t.gan_steps, t.lr_schedule, cfg), beta_1=t.adam_beta1)
             for opt, model in ((self.opt_pre, self.G), (self.opt_g, self.G), (self.opt_d, self.D)):
                 opt.build(model.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")

@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny config, a tiny preprocessed dataset, a private MLflow store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from srgan import config  # noqa: E402
+
+SKIMAGE_PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"]
+
+# A model and data small enough for a 2-core CPU: one block, a few filters, 16-px HR patches.
+TINY = {
+    "preprocess": {"scale": 4, "hr_crop": 32, "crops_per_image": 4, "shard_size": 6, "workers": 1},
+    "model": {"generator": {"blocks": 1, "filters": 4, "batch_norm": False, "bicubic_skip": True},
+              "discriminator": {"filters": 4, "dense": 8, "batch_norm": True}},
+    "loss": {"w_mse": 1.0, "w_vgg": 0.01, "w_adv": 0.001},
+    "vgg": {"layer": "block1_conv2", "weights": "random"},
+    "train": {"batch_size": 4, "hr_patch": 16, "pretrain_steps": 6, "gan_steps": 4, "log_every": 2,
+              "val_every": 5, "checkpoint_every": 2, "val_images": 2, "distribute": "none"},
+    "evaluate": {"tile": 16, "tile_overlap": 4, "zoom": 16},
+    "tune": {"pretrain_steps": 4, "gan_steps": 4, "report_every": 2},
+}
+
+
+def tiny_config(**overrides) -> config.Config:
+    """The tiny test config, with dotted-key overrides."""
+    cfg = config.from_dict(TINY)
+    return config.replace(cfg, overrides) if overrides else cfg
+
+
+@pytest.fixture
+def tiny_cfg() -> config.Config:
+    return tiny_config()
+
+
+def skimage_data_dir() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+def make_raw(raw: Path, side: int = 96) -> Path:
+    """data/raw-like folder: real photos (from the scikit-image wheel) cut to small sizes."""
+    from PIL import Image
+
+    for split, names in (("train", SKIMAGE_PHOTOS[:3]), ("valid", SKIMAGE_PHOTOS[3:])):
+        (raw / split).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            im = Image.open(skimage_data_dir() / name).convert("RGB")
+            w, h = im.size
+            box = ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)
+            im.crop(box).save(raw / split / (Path(name).stem + ".png"))
+    return raw
+
+
+@pytest.fixture(scope="session")
+def processed_dir(tmp_path_factory) -> Path:
+    """A tiny data/processed built by the real preprocess stage core (once per session)."""
+    from srgan.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("data")
+    raw = make_raw(root / "raw")
+    preprocess(tiny_config(), raw, root / "processed", workers=1)
+    return root / "processed"
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A private sqlite MLflow store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    """A git clone-like copy of the repository (tracked files only) for DVC end-to-end tests."""
+    import subprocess
+
+    root = config.ROOT
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout.split()
+    dst = tmp_path / "project"
+    for f in files:
+        src = root / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    return dst
+
+
+def assert_uint8_image(a: np.ndarray, shape: tuple[int, ...]) -> None:
+    assert a.dtype == np.uint8 and a.shape == shape, (a.dtype, a.shape)
