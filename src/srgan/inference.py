@@ -1,0 +1,332 @@
+"""Generator inference: whole-image or tiled (overlapping, stitched) upscaling, and batch files.
+
+Tiling contract. The LR image is cut into *cores* of ``tile`` x ``tile`` px (the last row/column
+may be narrower). Each core is run inside a *window* that adds up to ``overlap`` px of context
+on every side; only the core's part of the output is kept. Windows are clamped to the image
+instead of padded: a window that would cross the image border is shifted inwards, so
+
+* every window has the same shape, ``min(tile + 2*overlap, H) x min(tile + 2*overlap, W)`` ->
+  one traced graph for every tile of every image at least that large, and the model never
+  sees more than ``(tile + 2*overlap)^2`` input pixels, whatever the image size;
+* a window edge is either the image edge (where the model's own zero 'same' padding then does
+  exactly what it does in whole-image inference) or at least ``overlap`` px away from its core.
+
+Hence, for a model whose receptive-field radius (in LR px) is <= ``overlap``, tiled output
+equals whole-image output up to float32 rounding: oneDNN orders sums differently per input
+shape (~1e-7), and a resize layer whose float32 in/out ratio depends on the input size (x3)
+adds up to ~1e-5; after rounding to uint8 a pixel can rarely differ by one level. With a
+smaller overlap the seams differ (the SRResNet generator's radius is about 2*blocks + 8 LR
+px, ~24 for 8 blocks at x4). Reflect/zero padding of edge tiles would instead change the
+border pixels.
+
+A plan with a single window (``tile=0`` or tile >= image) runs eagerly: one call, so tracing
+a graph per image size would cost more than it saves. Multi-window plans use a cached
+``tf.function`` traced once per window shape.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+# Extensions picked up when a folder is given (files named explicitly are always tried).
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
+)
+
+
+# --------------------------------------------------------------------------- tiling plan
+@dataclass(frozen=True)
+class Window:
+    """One tile: LR core ``[y0:y1, x0:x1]`` it produces, window ``[wy:wy+h, wx:wx+w]`` it reads."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    wy: int
+    wx: int
+    h: int
+    w: int
+
+
+def _axis_plan(n: int, tile: int, overlap: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """Window length and (core_start, core_end, window_start) triples along one axis."""
+    win = min(tile + 2 * overlap, n)
+    spans = []
+    for c0 in range(0, n, tile):
+        c1 = min(c0 + tile, n)
+        # Clamp, don't pad: keeps one window shape and leaves image borders as the model sees them whole.
+        s = min(max(c0 - overlap, 0), n - win)
+        spans.append((c0, c1, s))
+    return win, spans
+
+
+def plan_windows(h: int, w: int, tile: int, overlap: int) -> list[Window]:
+    """All tiles of an ``h`` x ``w`` LR image, row-major; every window has the same shape."""
+    if h < 1 or w < 1:
+        raise ValueError(f"empty image {w}x{h}")
+    if tile < 1 or overlap < 0:
+        raise ValueError(f"need tile >= 1 and overlap >= 0, got tile={tile}, overlap={overlap}")
+    win_h, rows = _axis_plan(h, tile, overlap)
+    win_w, cols = _axis_plan(w, tile, overlap)
+    return [
+        Window(y0, y1, x0, x1, wy, wx, win_h, win_w) for (y0, y1, wy) in rows for (x0, x1, wx) in cols
+    ]
+
+
+# --------------------------------------------------------------------------- model calls
+_PREDICT_FNS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _predict_fn(model: Any) -> Any:
+    """A cached ``tf.function`` running ``model`` in inference mode on fixed-shape windows.
+
+    Traced per input shape (no shape relaxation): tiles all share one shape, so a folder of
+    large images costs one trace; and static shapes keep layers that cannot handle unknown
+    spatial dims in graph mode (e.g. Keras' bilinear UpSampling2D) working. Cached per model;
+    the closure holds only a weak reference so the cache never keeps a model alive.
+    """
+    fn = _PREDICT_FNS.get(model)
+    if fn is None:
+        ref = weakref.ref(model)
+
+        def run(x: tf.Tensor) -> tf.Tensor:
+            return tf.cast(ref()(x, training=False), tf.float32)
+
+        fn = tf.function(run)
+        _PREDICT_FNS[model] = fn
+    return fn
+
+
+def _eager_fn(model: Any) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Single-shot calls (whole image, one window): eager, so no per-image-size trace."""
+    return lambda x: tf.cast(model(x, training=False), tf.float32)
+
+
+def _check_lr(lr: np.ndarray, scale: int) -> np.ndarray:
+    lr = np.asarray(lr)
+    if lr.dtype != np.uint8 or lr.ndim != 3 or lr.shape[2] != 3 or min(lr.shape[:2]) < 1:
+        raise ValueError(f"expected a non-empty uint8 HxWx3 image, got {lr.dtype} {lr.shape}")
+    if int(scale) != scale or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    return lr
+
+
+def _run(fn: Any, batch: np.ndarray, scale: int) -> np.ndarray:
+    """Model output for a uint8 NHWC batch as float32 NHWC, shape-checked against ``scale``."""
+    out = fn(tf.convert_to_tensor(batch.astype(np.float32) / 255.0)).numpy()
+    n, h, w, _ = batch.shape
+    if out.shape != (n, h * scale, w * scale, 3):
+        raise ValueError(
+            f"model output {tuple(out.shape[1:])} for input {(h, w, 3)} is not a x{scale} RGB upscale"
+        )
+    return out
+
+
+def _iter_cores(
+    model: Any, lr: np.ndarray, scale: int, tile: int, overlap: int, batch: int
+) -> Iterator[tuple[Window, np.ndarray]]:
+    """Yield (window, float32 HR output of its core) for every tile of ``lr``."""
+    h, w = lr.shape[:2]
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    windows = plan_windows(h, w, tile, overlap) if tile > 0 else [Window(0, h, 0, w, 0, 0, h, w)]
+    if len(windows) == 1:
+        # One window is the whole image (tile >= image): same computation as tile=0.
+        yield windows[0], _run(_eager_fn(model), lr[None], scale)[0]
+        return
+    fn = _predict_fn(model)
+    for i in range(0, len(windows), batch):
+        group = windows[i : i + batch]
+        crops = [lr[t.wy : t.wy + t.h, t.wx : t.wx + t.w] for t in group]
+        # Pad the last batch with repeats so the batch shape (and the trace) never changes.
+        crops += [crops[-1]] * (batch - len(crops))
+        out = _run(fn, np.stack(crops), scale)
+        for t, o in zip(group, out):
+            oy, ox = (t.y0 - t.wy) * scale, (t.x0 - t.wx) * scale
+            yield t, o[oy : oy + (t.y1 - t.y0) * scale, ox : ox + (t.x1 - t.x0) * scale]
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8: clip, x255, round half to even (what BasicSR's tensor2img does)."""
+    return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def upscale_float(
+    model: Any, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 16, batch: int = 1
+) -> np.ndarray:
+    """Raw float32 model output (unclipped) for a uint8 LR image, whole (``tile=0``) or tiled."""
+    lr = _check_lr(lr, scale)
+    h, w = lr.shape[:2]
+    sr = np.empty((h * scale, w * scale, 3), np.float32)
+    for t, core in _iter_cores(model, lr, scale, tile, overlap, batch):
+        sr[t.y0 * scale : t.y1 * scale, t.x0 * scale : t.x1 * scale] = core
+    return sr
+
+
+def upscale(
+    model: Any, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 16, batch: int = 1
+) -> np.ndarray:
+    """Super-resolve a uint8 HxWx3 LR image to uint8 (H*scale)x(W*scale)x3.
+
+    ``tile=0`` runs the whole image at once; otherwise LR cores of ``tile`` px with ``overlap``
+    px of context per side (see the module docstring), ``batch`` windows per model call. Each
+    core is converted to uint8 as it arrives, so no full-size float HR buffer exists.
+    """
+    lr = _check_lr(lr, scale)
+    h, w = lr.shape[:2]
+    sr = np.empty((h * scale, w * scale, 3), np.uint8)
+    for t, core in _iter_cores(model, lr, scale, tile, overlap, batch):
+        sr[t.y0 * scale : t.y1 * scale, t.x0 * scale : t.x1 * scale] = to_uint8(core)
+    return sr
+
+
+def infer_scale(model: Any, probe: tuple[int, int] = (12, 16)) -> int:
+    """The model's integer upscaling factor, from its output/input size on a small blank probe.
+
+    A non-square probe catches models whose two axes scale differently.
+    """
+    h, w = probe
+    out = model(tf.zeros((1, h, w, 3), tf.float32), training=False)
+    oh, ow = int(out.shape[1]), int(out.shape[2])
+    if oh % h or ow % w or oh // h != ow // w or oh // h < 1 or int(out.shape[3]) != 3:
+        raise ValueError(
+            f"model maps a {h}x{w}x3 input to {tuple(out.shape[1:])}: not an integer RGB upscale"
+        )
+    return oh // h
+
+
+# --------------------------------------------------------------------------- files
+@dataclass
+class FileResult:
+    """Outcome of one input path: ``out`` on success, ``error`` (one line) on failure."""
+
+    src: Path
+    out: Path | None = None
+    error: str | None = None
+    lr_size: tuple[int, int] | None = None  # (width, height)
+    sr_size: tuple[int, int] | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception's message on one line (stderr gets one line per file)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def collect_inputs(
+    paths: Iterable[str | os.PathLike[str]], exclude: Path | None = None
+) -> tuple[list[Path], list[FileResult]]:
+    """Expand files and folders (recursively, by :data:`IMAGE_EXTENSIONS`) into image paths.
+
+    Returns (paths in argument order, folders sorted, duplicates dropped; failures for
+    arguments that do not exist or folders without images). Files under ``exclude`` (the
+    output folder) are skipped when walking folders, so re-runs never upscale their own outputs.
+    """
+    found: list[Path] = []
+    failures: list[FileResult] = []
+    seen: set[Path] = set()
+    excl = exclude.resolve() if exclude is not None else None
+
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append(p)
+
+    for arg in paths:
+        p = Path(arg)
+        if p.is_dir():
+            hits = sorted(
+                q
+                for q in p.rglob("*")
+                if q.suffix.lower() in IMAGE_EXTENSIONS
+                and q.is_file()
+                and not (excl is not None and q.resolve().is_relative_to(excl))
+            )
+            if not hits:
+                failures.append(FileResult(p, error="folder contains no image files"))
+            for q in hits:
+                add(q)
+        elif p.is_file():
+            add(p)
+        else:
+            failures.append(FileResult(p, error="no such file or folder"))
+    return found, failures
+
+
+def upscale_files(
+    model: Any,
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    tile: int = 0,
+    overlap: int = 16,
+    scale: int | None = None,
+    batch: int = 1,
+    on_result: Callable[[FileResult], None] | None = None,
+) -> list[FileResult]:
+    """Upscale every image in ``paths`` (files or folders) to ``out_dir/<stem>_x{scale}.png``.
+
+    Failures (unreadable/corrupt input, name collision, write error, model error) are recorded
+    per file and never stop the others. ``scale`` defaults to :func:`infer_scale`. Outputs are
+    written atomically by ``images.save_png``. ``on_result`` is called as each file finishes.
+    """
+    # Imported here so upscale()/metrics users do not pay for (or depend on) image I/O.
+    from srgan import images
+
+    out_dir = Path(out_dir)
+    scale = infer_scale(model) if scale is None else int(scale)
+    inputs, results = collect_inputs(paths, exclude=out_dir)
+    for r in results:
+        if on_result:
+            on_result(r)
+    claimed: dict[str, Path] = {}
+    for src in inputs:
+        t0 = time.perf_counter()
+        res = FileResult(src)
+        name = f"{src.stem}_x{scale}.png"
+        # Flat output names can collide (a.png + a.jpg, or two folders): never let one input
+        # of this run overwrite another's output.
+        if name.casefold() in claimed:
+            res.error = f"output name {name} already used by {claimed[name.casefold()]}"
+        else:
+            claimed[name.casefold()] = src
+            try:
+                lr = images.load_rgb(src)
+                res.lr_size = (lr.shape[1], lr.shape[0])
+                sr = upscale(model, lr, scale, tile=tile, overlap=overlap, batch=batch)
+                res.sr_size = (sr.shape[1], sr.shape[0])
+                images.save_png(out_dir / name, sr)
+                res.out = out_dir / name
+            except images.ImageError as exc:
+                # load_rgb names the file itself; callers print the path, so drop the repeat.
+                res.error = _one_line(exc).removeprefix(f"{src}: ")
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop a batch
+                res.error = f"{type(exc).__name__}: {_one_line(exc)}"
+        res.seconds = time.perf_counter() - t0
+        results.append(res)
+        if on_result:
+            on_result(res)
+    return results
+
+
+def summarize(results: Sequence[FileResult], out_dir: Path, scale: int | None = None) -> str:
+    """One summary line for a batch run."""
+    ok = sum(r.ok for r in results)
+    bad = len(results) - ok
+    secs = sum(r.seconds for r in results)
+    sx = f" x{scale}" if scale else ""
+    return f"upscaled{sx}: {ok} written, {bad} failed, {secs:.1f}s -> {out_dir}"
