@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="fetch: %(message)s")
     try:
         cfg = config.load(args.params)
+        args.download_dir.mkdir(parents=True, exist_ok=True)  # a declared out, even when unused
         fetch(cfg, args.raw_dir, args.download_dir)
     except (config.ConfigError, FetchError, OSError) as exc:
         print(f"fetch: error: {exc}", file=sys.stderr)

@@ -140,7 +140,7 @@ class TrainConfig:
 @dataclass
 class EvaluateConfig:
     tile: int = _f(128, 0)
-    tile_overlap: int = _f(16, 0)
+    tile_overlap: int = _f(24, 0)
     zoom: int = _f(64, 8)
 
 
@@ -286,10 +286,6 @@ def _check(cfg: Config) -> None:
     if cfg.train.hr_patch > cfg.preprocess.hr_crop:
         raise ConfigError(
             f"train.hr_patch: {cfg.train.hr_patch} is larger than preprocess.hr_crop ({cfg.preprocess.hr_crop})"
-        )
-    if cfg.evaluate.tile and cfg.evaluate.tile <= 2 * cfg.evaluate.tile_overlap:
-        raise ConfigError(
-            f"evaluate.tile: {cfg.evaluate.tile} must exceed twice evaluate.tile_overlap ({cfg.evaluate.tile_overlap})"
         )
     for name in ("w_mse", "w_vgg", "w_adv", "lr_gan"):
         rng = getattr(cfg.tune, name)

@@ -285,7 +285,7 @@ def train(
     if ckpt_dir is not None:
         ckpt_dir = Path(ckpt_dir)
         state = read_json(ckpt_dir / "state.json", {})
-        if state and state.get("config_digest") != training_digest(cfg, data):
+        if state.get("config_digest") not in (None, training_digest(cfg, data)):
             stale = ckpt_dir.with_name(ckpt_dir.name + f".stale-{int(time.time())}")
             log.warning("checkpoints in %s were made with other params; moved to %s", ckpt_dir, stale)
             shutil.move(str(ckpt_dir), stale)
