@@ -1,0 +1,325 @@
+"""Build and load a rating study.
+
+A study is a folder::
+
+    study.json          stimulus id -> image, method, run id, crop box (never served to raters)
+    stimuli/<id>.png    one PNG per (image, method); <id> is random hex, so a file name, its
+                        order on disk or a URL says nothing about the method behind it
+
+Every method of an image is shown on the same crop box, so raters compare like with like. The
+study is written to a temporary sibling folder and renamed into place: a half-built study never
+looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from srgan.images import ImageError, load_rgb, save_png
+from srgan.images import upscale_bicubic as _project_bicubic
+
+# (lr uint8 HxWx3, scale) -> sr uint8 (H*scale)x(W*scale)x3
+Upscaler = Callable[[np.ndarray, int], np.ndarray]
+
+FORMAT = 1
+CALIBRATION = ("nearest", "bicubic", "hr")  # the paper's reference methods
+# LR pixels of context kept around a crop before upscaling, so a crop's border is not an image
+# border for the model: the generator's receptive-field radius is 2 * blocks + 8 LR px (see
+# params.yaml evaluate.tile_overlap), 40 for the paper's 16 blocks; bicubic needs 2.
+CONTEXT_LR = 48
+STIMULUS_ID = re.compile(r"^[0-9a-f]{16}$")
+METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RUN_SPEC = re.compile(r"^runs:/([A-Za-z0-9_-]+)/?$")
+
+
+class StudyError(ValueError):
+    """A study cannot be built or read (missing data, bad shapes, bad names)."""
+
+
+@dataclass(frozen=True)
+class Stimulus:
+    id: str
+    image: str
+    method: str
+    file: str
+    run_id: str | None = None
+    width: int = 0
+    height: int = 0
+
+
+@dataclass
+class Study:
+    root: Path
+    study_id: str
+    scale: int
+    crop: int
+    images: list[str]
+    methods: dict[str, dict]
+    stimuli: dict[str, Stimulus]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def stimuli_dir(self) -> Path:
+        return self.root / "stimuli"
+
+    def method_order(self) -> list[str]:
+        """Nearest, bicubic, the models (as given), HR: worst anchor to best anchor."""
+        models = [m for m in self.methods if m not in CALIBRATION]
+        return ["nearest", "bicubic", *models, "hr"]
+
+
+@dataclass
+class ModelMethod:
+    """A model to rate: a name, how to upscale, and where it came from."""
+
+    name: str
+    upscale: Upscaler
+    source: str = ""
+    run_id: str | None = None
+
+
+# -- calibration methods -------------------------------------------------------------------------
+
+
+def upscale_nearest(lr: np.ndarray, scale: int) -> np.ndarray:
+    """Pixel replication (exactly what PIL's NEAREST does for integer factors)."""
+    return np.repeat(np.repeat(lr, scale, axis=0), scale, axis=1)
+
+
+# The project's one bicubic (PIL, a = -0.5, float32 per channel, rounded once), so the study's
+# bicubic anchor is pixel for pixel the evaluation's bicubic baseline.
+upscale_bicubic: Upscaler = _project_bicubic
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def parse_model_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``NAME=PATH`` or ``NAME=runs:/RUN_ID`` -> (name, path or None, run id or None)."""
+    name, sep, target = spec.partition("=")
+    if not sep or not name or not target:
+        raise StudyError(f"--model {spec!r}: expected NAME=PATH.keras or NAME=runs:/RUN_ID")
+    check_method_name(name)
+    m = RUN_SPEC.match(target)
+    if m:
+        return name, None, m.group(1)
+    return name, target, None
+
+
+def check_method_name(name: str) -> None:
+    if name in CALIBRATION:
+        raise StudyError(f"model name {name!r} is reserved for a calibration method ({', '.join(CALIBRATION)})")
+    if not METHOD_NAME.match(name):
+        raise StudyError(f"model name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
+
+
+def keras_upscaler(path: Path, tile: int = 0, overlap: int = 16) -> Upscaler:
+    """Load a .keras generator (safe mode) and wrap the project's tiled inference."""
+    from srgan import inference, models  # lazy: TensorFlow only when a model is rated
+
+    model = models.load_generator(path)
+
+    def run(lr: np.ndarray, scale: int) -> np.ndarray:
+        return inference.upscale(model, lr, scale, tile=tile, overlap=overlap)
+
+    return run
+
+
+def model_method(spec: str, tile: int = 0, overlap: int = 16) -> ModelMethod:
+    """Resolve a ``--model`` spec, downloading the generator of an MLflow run if needed."""
+    name, path, run_id = parse_model_spec(spec)
+    if run_id is not None:
+        from srgan import tracking  # lazy: MLflow only for run ids
+
+        local = Path(tracking.download_model(run_id))
+        source = f"runs:/{run_id}"
+    else:
+        local = Path(path)  # type: ignore[arg-type]
+        source = str(local)
+        if not local.is_file():
+            raise StudyError(f"--model {spec!r}: {local} is not a file")
+    return ModelMethod(name, keras_upscaler(local, tile, overlap), source=source, run_id=run_id)
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    try:
+        return load_rgb(path)
+    except ImageError as exc:
+        raise StudyError(str(exc)) from None
+
+
+def crop_box(h: int, w: int, crop: int, scale: int) -> tuple[int, int, int, int]:
+    """Centered HR box (x0, y0, x1, y1), on the LR grid, of side ``crop`` (0 = whole image)."""
+    if crop <= 0:
+        return 0, 0, w, h
+    side = min(crop, h, w) // scale * scale
+    if side <= 0:
+        raise StudyError(f"image {w}x{h} is too small for a crop at scale {scale}")
+    x0 = (w - side) // 2 // scale * scale
+    y0 = (h - side) // 2 // scale * scale
+    return x0, y0, x0 + side, y0 + side
+
+
+def _upscale_box(up: Upscaler, lr: np.ndarray, box: tuple[int, int, int, int], scale: int, name: str,
+                 context: int = CONTEXT_LR) -> np.ndarray:
+    """Upscale the LR region under ``box`` with ``context`` px around it, then cut the box out."""
+    x0, y0, x1, y1 = (v // scale for v in box)
+    lh, lw = lr.shape[:2]
+    cx0, cy0 = max(0, x0 - context), max(0, y0 - context)
+    cx1, cy1 = min(lw, x1 + context), min(lh, y1 + context)
+    patch = np.ascontiguousarray(lr[cy0:cy1, cx0:cx1])
+    sr = np.asarray(up(patch, scale))
+    want = (patch.shape[0] * scale, patch.shape[1] * scale, 3)
+    if sr.shape != want or sr.dtype != np.uint8:
+        raise StudyError(f"method {name!r} returned {sr.dtype} {sr.shape}, expected uint8 {want}")
+    oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
+    return sr[oy : oy + (y1 - y0) * scale, ox : ox + (x1 - x0) * scale]
+
+
+def _pairs(valid_dir: Path) -> list[str]:
+    hr_dir, lr_dir = valid_dir / "hr", valid_dir / "lr"
+    stems = sorted(p.stem for p in hr_dir.glob("*.png")) if hr_dir.is_dir() else []
+    if not stems:
+        raise StudyError(f"no validation images in {hr_dir} (run the preprocess stage first)")
+    missing = [s for s in stems if not (lr_dir / f"{s}.png").is_file()]
+    if missing:
+        raise StudyError(f"{lr_dir}: no LR image for {', '.join(missing[:5])}")
+    return stems
+
+
+# -- build / load --------------------------------------------------------------------------------
+
+
+def prepare_study(
+    valid_dir: Path,
+    out_dir: Path,
+    models: list[ModelMethod] | None = None,
+    *,
+    crop: int = 0,
+    images: int = 0,
+    seed: int = 42,
+    force: bool = False,
+    context: int = CONTEXT_LR,
+    log: Callable[[str], None] = print,
+) -> Study:
+    """Write a study of ``images`` validation images (0 = all) x (calibration + ``models``).
+
+    ``context``: LR px upscaled around a crop and thrown away (>= the models' receptive field).
+    """
+    valid_dir, out_dir = Path(valid_dir), Path(out_dir)
+    models = list(models or [])
+    names = [m.name for m in models]
+    for n in names:
+        check_method_name(n)
+    if len(set(names)) != len(names):
+        raise StudyError(f"model names must be unique, got {names}")
+    if out_dir.exists() and not force:
+        raise StudyError(f"{out_dir} already exists; pass --force to replace it "
+                         "(its ratings stay in the database under the old study id)")
+    if crop < 0 or images < 0:
+        raise StudyError("--crop and --images must be >= 0")
+
+    stems = _pairs(valid_dir)
+    if images and images < len(stems):
+        # Seeded sample, kept in name order: reproducible and not biased to the first files.
+        stems = sorted(random.Random(seed).sample(stems, images))
+
+    methods: dict[str, dict] = {
+        "nearest": {"kind": "nearest", "source": "", "run_id": None},
+        "bicubic": {"kind": "bicubic", "source": "", "run_id": None},
+        **{m.name: {"kind": "model", "source": m.source, "run_id": m.run_id} for m in models},
+        "hr": {"kind": "hr", "source": "", "run_id": None},
+    }
+    upscalers: dict[str, Upscaler] = {"nearest": upscale_nearest, "bicubic": upscale_bicubic}
+    upscalers.update({m.name: m.upscale for m in models})
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / "stimuli").mkdir()
+        stimuli: dict[str, dict] = {}
+        scale = None
+        for stem in stems:
+            hr = _read_rgb(valid_dir / "hr" / f"{stem}.png")
+            lr = _read_rgb(valid_dir / "lr" / f"{stem}.png")
+            s = hr.shape[0] // lr.shape[0]
+            if hr.shape[:2] != (lr.shape[0] * s, lr.shape[1] * s) or s < 1:
+                raise StudyError(f"{stem}: HR {hr.shape[:2]} is not an integer multiple of LR {lr.shape[:2]}")
+            if scale is None:
+                scale = s
+            elif s != scale:
+                raise StudyError(f"{stem}: scale {s} differs from the other images' scale {scale}")
+            box = crop_box(hr.shape[0], hr.shape[1], crop, scale)
+            for name, info in methods.items():
+                if name == "hr":
+                    img = hr[box[1] : box[3], box[0] : box[2]]
+                else:
+                    img = _upscale_box(upscalers[name], lr, box, scale, name, context)
+                sid = secrets.token_hex(8)
+                while sid in stimuli:  # pragma: no cover - 64-bit collision
+                    sid = secrets.token_hex(8)
+                # save_png writes no text chunks: nothing inside the file names its method.
+                save_png(tmp / "stimuli" / f"{sid}.png", img)
+                stimuli[sid] = {
+                    "image": stem, "method": name, "run_id": info["run_id"], "file": f"{sid}.png",
+                    "box": list(box), "width": int(img.shape[1]), "height": int(img.shape[0]),
+                }
+            log(f"  {stem}: {len(methods)} stimuli, box {box}")
+        meta = {
+            "format": FORMAT,
+            "study_id": secrets.token_hex(8),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": str(valid_dir),
+            "scale": scale,
+            "crop": crop,
+            "seed": seed,
+            "images": stems,
+            "methods": methods,
+            "stimuli": stimuli,
+        }
+        (tmp / "study.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out_dir.exists():  # force: swap in the new study, then drop the old one
+            old = out_dir.with_name(f".{out_dir.name}.old-{secrets.token_hex(4)}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"study {meta['study_id']}: {len(stimuli)} stimuli ({len(stems)} images x {len(methods)} methods) in {out_dir}")
+    return load_study(out_dir)
+
+
+def load_study(study_dir: Path) -> Study:
+    """Read and check study.json; stimulus files must be plain names inside stimuli/."""
+    study_dir = Path(study_dir)
+    path = study_dir / "study.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StudyError(f"{path} not found; run `python src/mos.py prepare` first") from None
+    except json.JSONDecodeError as exc:
+        raise StudyError(f"{path}: not valid JSON: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise StudyError(f"{path}: unsupported study format {meta.get('format')!r}")
+    stimuli = {}
+    for sid, s in meta["stimuli"].items():
+        if not STIMULUS_ID.match(sid) or s["method"] not in meta["methods"]:
+            raise StudyError(f"{path}: bad stimulus entry {sid!r}")
+        stimuli[sid] = Stimulus(sid, s["image"], s["method"], s["file"], s.get("run_id"),
+                                int(s.get("width", 0)), int(s.get("height", 0)))
+    return Study(study_dir, meta["study_id"], int(meta["scale"]), int(meta["crop"]), list(meta["images"]),
+                 dict(meta["methods"]), stimuli, meta)
