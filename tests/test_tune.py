@@ -1,0 +1,173 @@
+"""tune.py: a real Optuna journal storage, real MLflow, real (tiny) training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY
+from srgan import config, tracking
+from srgan.config import ROOT
+
+
+def _params(tmp_path: Path, **overrides) -> Path:
+    data = json.loads(json.dumps(TINY))
+    for k, v in overrides.items():
+        config.set_dotted(data, k, v)
+    config.from_dict(data)
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def _tune(tmp_path, processed_dir, mlflow_uri, *args, params=None, popen=False):
+    cmd = [sys.executable, str(ROOT / "src" / "tune.py"), "--params", str(params or _params(tmp_path)),
+           "--storage", str(tmp_path / "journal.log"), "--processed", str(processed_dir),
+           "--out", str(tmp_path / "tune"), *args]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def _study(tmp_path):
+    from srgan import tune
+
+    cfg = config.from_dict(TINY)
+    return tune.open_study(cfg, "srgan-perpix", str(tmp_path / "journal.log"))
+
+
+@pytest.mark.slow
+def test_tune_runs_nested_trials_and_a_second_call_adds_to_the_study(processed_dir, mlflow_uri, tmp_path):
+    _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "2")
+    assert len(_study(tmp_path).trials) == 2
+    _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "1")
+    study = _study(tmp_path)
+    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+
+    runs = tracking.search_runs("srgan")
+    parents = [r for r in runs if r["tags"].get("kind") == "tune"]
+    children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
+    assert len(parents) == 2 and len(children) == 3
+    assert {c["tags"]["mlflow.parentRunId"] for c in children} == {p["run_id"] for p in parents}
+    for c in children:
+        trial = study.trials[int(c["tags"]["optuna.trial"])]
+        assert c["tags"]["optuna.state"] == trial.state.name.lower()
+        assert float(c["params"]["loss.w_mse"]) == pytest.approx(trial.params["w_mse"])
+        assert c["params"]["adv.loss"] == trial.params["adv_loss"]
+        assert "val_psnr_y" in c["metrics"]
+
+    best = yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text())
+    assert set(best["params"]) == {"loss.w_mse", "loss.w_vgg", "loss.w_adv", "adv.loss"}
+    assert (tmp_path / "tune" / "trials.csv").read_text().count("\n") == 4
+    assert (tmp_path / "tune" / "history.png").stat().st_size > 1000
+    assert (tmp_path / "tune" / "importances.png").exists()
+
+
+@pytest.mark.slow
+def test_failed_trial_is_recorded_and_the_study_goes_on(processed_dir, mlflow_uri, tmp_path):
+    # a learning rate range that blows up the adversarial phase: every trial turns NaN
+    params = _params(tmp_path, **{"tune.lr_gan": [1e29, 1e30], "tune.losses": ["least_squares"]})
+    out = _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "2", params=params)
+    study = _study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
+    assert "non-finite loss" in study.trials[0].user_attrs["fail_reason"]
+    children = [r for r in tracking.search_runs("srgan") if "optuna.trial" in r["tags"]]
+    assert sorted(r["status"] for r in children) == ["FAILED", "FAILED"]
+    assert {r["tags"]["optuna.state"] for r in children} == {"fail"}
+    assert "2 fail" in out.stdout
+
+
+def test_pruning_callback_prunes_a_trial_below_the_median(tmp_path):
+    import optuna
+
+    from srgan import tune
+
+    cfg = config.from_dict({**TINY, "tune": {**TINY["tune"], "pruner": "median"}})
+    study = optuna.create_study(direction="maximize", pruner=tune.make_pruner(cfg),
+                                storage=tune.make_storage(str(tmp_path / "j.log")), study_name="p")
+    for value in (30.0, 31.0):  # two finished trials with high intermediate values
+        t = study.ask()
+        for step in (2, 4, 6):
+            t.report(value, step)
+        study.tell(t, value)
+    good = tune.PruningCallback(study.ask(), single_objective=True)
+    good.on_validation(2, {"val_psnr_y": 35.0}, None)  # above the median: continues
+    good.on_validation(4, {"val_psnr_y": 36.0}, None)
+    bad = tune.PruningCallback(study.ask(), single_objective=True)
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 2"):
+        bad.on_validation(2, {"val_psnr_y": 10.0}, None)  # below the median of earlier trials
+
+
+@pytest.mark.slow
+def test_killed_tune_resumes_without_losing_or_repeating_finished_trials(processed_dir, mlflow_uri, tmp_path):
+    params = _params(tmp_path, **{"tune.pruner": "none"})
+    proc = _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "6", params=params, popen=True)
+    from optuna.trial import TrialState
+
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "journal.log").exists():
+            trials = _study(tmp_path).trials
+            if sum(t.state == TrialState.COMPLETE for t in trials) >= 1 and trials[-1].state == TrialState.RUNNING:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.5)
+    proc.wait()
+    before = _study(tmp_path).trials
+    finished = {t.number: t.params for t in before if t.state == TrialState.COMPLETE}
+    cut = [t for t in before if t.state == TrialState.RUNNING]
+    assert finished and len(cut) == 1, [t.state for t in before]
+
+    _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "2", params=params)
+    after = _study(tmp_path).trials
+    # the finished trials are all still there, unchanged
+    for t in after:
+        if t.number in finished:
+            assert t.state == TrialState.COMPLETE and t.params == finished[t.number]
+    # the cut trial was failed and its params queued again as a new trial
+    assert after[cut[0].number].state == TrialState.FAIL
+    retried = [t for t in after if t.user_attrs.get("retry_of") == cut[0].number]
+    assert len(retried) == 1 and retried[0].params == cut[0].params and retried[0].state == TrialState.COMPLETE
+    assert sum(t.state == TrialState.COMPLETE for t in after) == len(finished) + 2
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(processed_dir, mlflow_uri, tmp_path):
+    _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "2", "--workers", "2",
+          params=_params(tmp_path, **{"tune.pruner": "none"}))
+    trials = _study(tmp_path).trials
+    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert len(workers) == 2, workers  # one trial from each process
+    parents = [r for r in tracking.search_runs("srgan") if r["tags"].get("kind") == "tune"]
+    children = [r for r in tracking.search_runs("srgan") if "optuna.trial" in r["tags"]]
+    assert len(parents) == 1 and len(children) == 2
+    assert all(c["tags"]["mlflow.parentRunId"] == parents[0]["run_id"] for c in children)
+
+
+def test_apply_best_params_keeps_comments(tmp_path):
+    from srgan import tune
+
+    p = tmp_path / "params.yaml"
+    p.write_text(config.PARAMS_PATH.read_text())
+    changed = tune.apply_to_params({"loss.w_adv": 0.0005, "adv.loss": "hinge"}, p)
+    assert changed == ["loss.w_adv: 0.001 -> 0.0005", "adv.loss: modified -> hinge"]
+    cfg = config.load(p)
+    assert cfg.loss.w_adv == 0.0005 and cfg.adv.loss == "hinge"
+    text = p.read_text()
+    assert "# Per-Pix weight of the adversarial loss" in text and text.count("\n") == \
+        config.PARAMS_PATH.read_text().count("\n")
+    with pytest.raises(KeyError, match="loss.nope"):
+        tune.apply_to_params({"loss.nope": 1}, p)
