@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# dvc.yaml's commands say `python`: make it the venv's
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-fast bench compare tune mos mlflow-server sysdeps clean-venv
+.PHONY: setup repro test test-fast bench compare tune mlflow-server sysdeps clean-venv
 
 setup: $(STAMP)
 
@@ -17,7 +19,7 @@ $(STAMP): requirements.txt
 
 # Main job: the whole DVC pipeline on the embedded (offline) sample set.
 repro: setup
-	$(BIN)/dvc repro
+	dvc repro
 
 # System packages the browser and PostgreSQL tests use (Debian/Ubuntu, root only).
 # Without them those tests are skipped with a message saying so.
