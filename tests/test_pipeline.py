@@ -1,0 +1,130 @@
+"""srgan.pipeline: batches, aligned augmentation, determinism, resume skip-ahead, load_valid."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from srgan import config, images, pipeline
+from srgan.preprocess import preprocess
+
+SCALE, CROP, PATCH, BATCH = 4, 64, 48, 4
+
+
+def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    small = np.random.default_rng(seed).integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipe")
+    for sub in ("train", "valid"):
+        (root / "raw" / sub).mkdir(parents=True)
+    for i in range(3):  # 3 images x 4 crops = 12 records in 2 shards
+        Image.fromarray(texture(128, 128 + 8 * i, seed=i)).save(root / "raw" / "train" / f"t{i}.png")
+    for i in range(3):
+        Image.fromarray(texture(40 + 4 * i, 36, seed=10 + i)).save(root / "raw" / "valid" / f"v{i}.png")
+    cfg = config.from_dict({"preprocess": {"scale": SCALE, "hr_crop": CROP, "crops_per_image": 4,
+                                           "shard_size": 8}, "train": {"hr_patch": PATCH}})
+    m = preprocess(cfg, root / "raw", root / "processed", workers=1, progress=False)
+    assert m["counts"]["train_crops"] == 12 and m["counts"]["shards"] == 2
+    return root / "processed"
+
+
+def batches(ds, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(lr.numpy(), hr.numpy()) for lr, hr in ds.take(n)]
+
+
+def test_shapes_dtypes_range(processed):
+    ds = pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=1)
+    lr_spec, hr_spec = ds.element_spec
+    assert lr_spec.shape == (BATCH, PATCH // SCALE, PATCH // SCALE, 3) and lr_spec.dtype.name == "float32"
+    assert hr_spec.shape == (BATCH, PATCH, PATCH, 3) and hr_spec.dtype.name == "float32"
+    for lr, hr in batches(ds, 5):  # 20 records > 12: runs past the end of the epoch (repeat)
+        assert lr.shape == (BATCH, 12, 12, 3) and hr.shape == (BATCH, 48, 48, 3)
+        assert 0.0 <= lr.min() and lr.max() <= 1.0 and 0.0 <= hr.min() and hr.max() <= 1.0
+
+
+def test_augmented_pairs_stay_aligned(processed):
+    ds = pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=3)
+    for lr, hr in batches(ds, 3):
+        for i in range(BATCH):
+            hr8 = np.rint(hr[i] * 255).astype(np.uint8)
+            lr8 = np.rint(lr[i] * 255).astype(np.uint8)
+            d = np.abs(images.downscale(hr8, SCALE).astype(int) - lr8)[2:-2, 2:-2]  # away from patch borders
+            assert d.max() <= 1
+            # a misaligned pair (LR shifted by one px) would be far off: the check has teeth
+            wrong = np.abs(images.downscale(hr8, SCALE).astype(int)[2:-3, 2:-2] - lr8[3:-2, 2:-2])
+            assert wrong.mean() > 3 * max(d.mean(), 0.5)
+
+
+def test_augmentation_covers_flips_and_rotations(processed):
+    ds = pipeline.train_dataset(processed / "train", 12, CROP, SCALE, seed=5, repeat=False)
+    (lr, hr), = batches(ds, 1)  # patch = whole crop: only the symmetry varies
+    import tensorflow as tf
+
+    stored = {}
+    for path in sorted((processed / "train").glob("*.tfrecord")):
+        for rec in tf.data.TFRecordDataset(str(path)):
+            f = tf.train.Example.FromString(rec.numpy()).features.feature
+            hrs = np.frombuffer(f["hr"].bytes_list.value[0], np.uint8).reshape(CROP, CROP, 3)
+            stored[hrs.tobytes()] = "identity"
+            for k in range(4):
+                for flip in (False, True):
+                    v = np.rot90(hrs[:, ::-1] if flip else hrs, k)
+                    stored.setdefault(np.ascontiguousarray(v).tobytes(), f"rot{k}{'f' if flip else ''}")
+    seen = [stored[np.rint(h * 255).astype(np.uint8).tobytes()] for h in hr]  # every output is a symmetry
+    assert len(set(seen)) > 2
+
+
+def test_deterministic_for_a_seed(processed):
+    a = batches(pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=7), 4)
+    b = batches(pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=7), 4)
+    c = batches(pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=8), 4)
+    for (la, ha), (lb, hb) in zip(a, b):
+        np.testing.assert_array_equal(la, lb)
+        np.testing.assert_array_equal(ha, hb)
+    assert not all(np.array_equal(ha, hc) for (_, ha), (_, hc) in zip(a, c))
+
+
+def test_start_step_equals_skipping(processed):
+    full = batches(pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=2), 9)
+    for start in (2, 5):  # 5 * 4 = 20 records: resumes inside the second epoch
+        resumed = batches(pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=2,
+                                                 start_step=start), 9 - start)
+        for (lf, hf), (lr, hr) in zip(full[start:], resumed):
+            np.testing.assert_array_equal(lf, lr)
+            np.testing.assert_array_equal(hf, hr)
+
+
+def test_one_epoch_and_manifestless_count(processed, tmp_path):
+    ds = pipeline.train_dataset(processed / "train", 5, PATCH, SCALE, seed=0, repeat=False)
+    assert len(batches(ds, 100)) == 2  # 12 records, remainder dropped
+    alone = tmp_path / "train"
+    shutil.copytree(processed / "train", alone)  # no manifest next to it: records are counted
+    assert pipeline.count_records(alone) == 12
+    assert len(batches(pipeline.train_dataset(alone, 5, PATCH, SCALE, seed=0, repeat=False), 100)) == 2
+
+
+def test_errors(processed, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no \\*.tfrecord shards"):
+        pipeline.train_dataset(tmp_path, BATCH, PATCH, SCALE, seed=0)
+    with pytest.raises(ValueError, match="hr_patch 96"):
+        pipeline.train_dataset(processed / "train", BATCH, 96, SCALE, seed=0)
+    with pytest.raises(ValueError, match="multiple of scale"):
+        pipeline.train_dataset(processed / "train", BATCH, 50, SCALE, seed=0)
+
+
+def test_load_valid(processed):
+    valid = pipeline.load_valid(processed)
+    assert [n for n, _, _ in valid] == ["v0", "v1", "v2"]
+    for _, lr, hr in valid:
+        assert lr.dtype == np.uint8 and hr.dtype == np.uint8
+        assert hr.shape[0] == 4 * lr.shape[0] and hr.shape[1] == 4 * lr.shape[1]
+        np.testing.assert_array_equal(lr, images.downscale(hr, SCALE))
+    assert len(pipeline.load_valid(processed, limit=2)) == 2
