@@ -53,7 +53,7 @@ def table(rows: list[dict[str, Any]], keys: list[str] | None = None) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def curves_png(history_csv: Path) -> bytes | None:
+def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes | None:
     """Training curves (losses and validation PSNR) as PNG bytes."""
     if not history_csv.exists():
         return None
@@ -84,6 +84,9 @@ def curves_png(history_csv: Path) -> bytes | None:
     if "val_psnr_y" in rows[0] or any(r.get("val_psnr_y") for r in rows):
         x, y = series("val_psnr_y")
         axes[1].plot(x, y, "o-", label="generator")
+    if bicubic_psnr_y is not None:
+        axes[1].axhline(bicubic_psnr_y, color="k", ls="--", lw=1, label="bicubic")
+    axes[1].legend()
     axes[1].set_xlabel("step")
     axes[1].set_title("validation PSNR-Y (dB)")
     fig.tight_layout()
@@ -135,7 +138,7 @@ def build(reports_dir: Path, params: dict[str, Any] | None = None) -> Path:
         with per_image.open() as f:
             rows = list(csv.DictReader(f))
         parts += ["<details><summary>Per-image metrics</summary>", table(rows), "</details>"]
-    png = curves_png(reports_dir / "train" / "history.csv")
+    png = curves_png(reports_dir / "train" / "history.csv", summary.get("bicubic_psnr_y"))
     if png:
         uri = "data:image/png;base64," + base64.b64encode(png).decode()
         parts += ["<h2 id=curves>Training curves</h2>", f"<img alt='training curves' src='{uri}'>"]
