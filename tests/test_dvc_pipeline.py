@@ -63,16 +63,22 @@ def test_dvc_repro_end_to_end_and_only_affected_stages_rerun(project_copy, tmp_p
     log = _run(dvc + ["repro"], project_copy, env)
     assert ran_stages(log) == set(), log
 
-    # a train.* param re-runs train and evaluate only
-    params = yaml.safe_load((project_copy / "params.yaml").read_text())
-    params["train"]["gan_steps"] = 2
-    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    log = _run(dvc + ["repro"], project_copy, env)
-    assert ran_stages(log) == {"train", "evaluate"}, log
-    # an evaluate.* param re-runs evaluate only
-    params["evaluate"]["zoom"] = 24
-    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    log = _run(dvc + ["repro"], project_copy, env)
-    assert ran_stages(log) == {"evaluate"}, log
+    # a train.* param makes train (and so evaluate) stale, not fetch or preprocess; an evaluate.*
+    # param only evaluate. `dvc status` tells without spending minutes re-running them.
+    def stale_after(section: str, key: str, value) -> set[str]:
+        params = yaml.safe_load((project_copy / "params.yaml").read_text())
+        old = params[section][key]
+        params[section][key] = value
+        (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        status = json.loads(_run(dvc + ["status", "--json"], project_copy, env).strip().splitlines()[-1])
+        params[section][key] = old
+        (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        return set(status)
+
+    assert stale_after("train", "gan_steps", 2) == {"train"}
+    assert stale_after("adv", "loss", "hinge") == {"train"}
+    assert stale_after("evaluate", "zoom", 24) == {"evaluate"}
+    assert stale_after("preprocess", "crops_per_image", 2) == {"preprocess"}
+    assert stale_after("tune", "n_trials", 3) == set()  # no stage reads tune.*
     show = _run(dvc + ["metrics", "show", "--json"], project_copy, env)
     assert "psnr_y" in show

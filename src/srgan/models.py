@@ -91,7 +91,8 @@ def _conv(filters: int, kernel: int, name: str, *, strides: int = 1, use_bias: b
 
 def _prelu(name: str) -> layers.PReLU:
     # One slope per channel, shared over space, as in the paper (and so any input size works).
-    return layers.PReLU(shared_axes=[1, 2], name=name)
+    # alpha starts at 0.25 as in He et al. (2015), the PReLU paper (Keras' default 0 starts as ReLU).
+    return layers.PReLU(shared_axes=[1, 2], alpha_initializer=keras.initializers.Constant(0.25), name=name)
 
 
 def build_generator(cfg: GeneratorConfig, scale: int) -> keras.Model:
@@ -128,7 +129,11 @@ def build_generator(cfg: GeneratorConfig, scale: int) -> keras.Model:
 
     # float32 head: under a mixed_bfloat16 policy the image output and the skip-sum stay
     # full precision (what Keras recommends for a model's last layer).
-    out = _conv(3, 9, "output_conv", dtype="float32")(x)
+    # With the bicubic skip the last conv starts at zero, so the untrained generator *is* bicubic:
+    # a random residual on top of it costs the first few hundred steps just to be unlearnt (the
+    # residual branch collapses and stalls: measured here as a plateau at the bicubic loss).
+    init = "zeros" if cfg.bicubic_skip else "glorot_uniform"
+    out = _conv(3, 9, "output_conv", dtype="float32", kernel_initializer=init)(x)
     if cfg.bicubic_skip:
         # Residual learning on top of bicubic: the net only has to add the missing detail.
         base = BicubicUpsample(scale, name="bicubic", dtype="float32")(lr)
