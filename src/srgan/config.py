@@ -76,15 +76,15 @@ class PreprocessConfig:
 @dataclass
 class GeneratorConfig:
     blocks: int = _f(8, 0)
-    filters: int = _f(64, 1)
+    filters: int = _f(32, 1)
     batch_norm: bool = False
     bicubic_skip: bool = True
 
 
 @dataclass
 class DiscriminatorConfig:
-    filters: int = _f(64, 1)
-    dense: int = _f(1024, 1)
+    filters: int = _f(32, 1)
+    dense: int = _f(256, 1)
     batch_norm: bool = True
 
 
@@ -97,7 +97,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     w_mse: float = _f(1.0, 0.0)
-    w_vgg: float = _f(1.0, 0.0)
+    w_vgg: float = _f(0.01, 0.0)
     w_adv: float = _f(0.001, 0.0)
 
 
@@ -118,19 +118,19 @@ class AdvConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = _f(16, 1)
-    hr_patch: int = _f(96, 4)
-    pretrain_steps: int = _f(1500, 0)
-    gan_steps: int = _f(200, 0)
-    lr_pretrain: float = _f(2e-4, 0.0, lo_open=True)
+    hr_patch: int = _f(64, 4)
+    pretrain_steps: int = _f(700, 0)
+    gan_steps: int = _f(40, 0)
+    lr_pretrain: float = _f(5e-4, 0.0, lo_open=True)
     lr_gan: float = _f(1e-4, 0.0, lo_open=True)
-    lr_schedule_pretrain: Literal["constant", "step", "cosine"] = "step"
+    lr_schedule_pretrain: Literal["constant", "step", "cosine"] = "cosine"
     lr_schedule: Literal["constant", "step", "cosine"] = "step"
     lr_decay_every: int = _f(0, 0)
     lr_decay_factor: float = _f(0.1, 0.0, 1.0, lo_open=True)
     adam_beta1: float = _f(0.9, 0.0, 1.0)
-    log_every: int = _f(50, 1)
-    val_every: int = _f(500, 1)
-    checkpoint_every: int = _f(250, 1)
+    log_every: int = _f(25, 1)
+    val_every: int = _f(200, 1)
+    checkpoint_every: int = _f(100, 1)
     val_images: int = _f(4, 0)
     distribute: Literal["auto", "none", "mirrored"] = "auto"
     jit_compile: bool = False
