@@ -77,13 +77,33 @@ class Callback:
 
 
 def make_strategy(mode: str):
-    """tf.distribute strategy for ``train.distribute`` (auto: mirrored if >1 GPU)."""
+    """tf.distribute strategy for ``train.distribute``.
+
+    ``none``: the default (no-op) strategy. ``auto``: MirroredStrategy over every visible GPU when
+    there are more than one, else ``none``. ``mirrored``: MirroredStrategy over every visible GPU;
+    without GPUs, over every logical CPU device (one replica per device: a CPU split with
+    ``tf.config.set_logical_device_configuration`` before TensorFlow initialises, as the tests do).
+    The global batch ``train.batch_size`` is split evenly across the replicas.
+
+    One MirroredStrategy per process and device list, reused by every later Trainer (tuning trains
+    many in one process): a second MirroredStrategy restarts TensorFlow's collective instance keys, and
+    its all-reduces then collide with the first one's (``Shape mismatch in the collective instance``)
+    as soon as the models differ in shape.
+    """
     import tensorflow as tf
 
-    if mode == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if mode == "auto" and len(tf.config.list_logical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
+    if mode not in ("auto", "none", "mirrored"):
+        raise ValueError(f"train.distribute: {mode!r} is not one of 'auto', 'none', 'mirrored'")
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if mode == "mirrored" or (mode == "auto" and len(gpus) > 1):
+        devices = tuple(gpus or [d.name for d in tf.config.list_logical_devices("CPU")])
+        cache = make_strategy.__dict__.setdefault("mirrored", {})  # devices -> strategy, this process
+        if devices not in cache:
+            cache[devices] = tf.distribute.MirroredStrategy(devices=list(devices))
+        strategy = cache[devices]
+        log.info("train.distribute=%s: MirroredStrategy over %d replicas %s",
+                 mode, strategy.num_replicas_in_sync, list(devices))
+        return strategy
     return tf.distribute.get_strategy()  # the default (no-op) strategy
 
 
