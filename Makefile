@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
 # dvc.yaml's commands say `python`: make it the venv's
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -24,7 +26,7 @@ repro: setup
 # System packages the browser and PostgreSQL tests use (Debian/Ubuntu, root only).
 # Without them those tests are skipped with a message saying so.
 sysdeps:
-	@if command -v chromium >/dev/null && command -v pg_ctlcluster >/dev/null; then :; \
+	@if command -v chromium >/dev/null && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium postgresql >/dev/null; \
 	else echo "note: chromium/postgresql missing and not root: browser and PostgreSQL tests will be skipped"; fi
@@ -46,7 +48,8 @@ tune: setup
 
 mlflow-server: setup
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow-server.db \
-	  --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000
+	  --artifacts-destination ./mlartifacts --serve-artifacts \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 clean-venv:
 	rm -rf $(VENV)

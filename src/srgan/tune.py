@@ -37,8 +37,22 @@ def make_storage(url: str | None):
     from optuna.storages.journal import JournalFileBackend
 
     if url and re.match(r"^[a-z0-9+]+://", url):
-        return RDBStorage(url, heartbeat_interval=30, grace_period=120,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+        import random
+        import time
+
+        import sqlalchemy.exc
+
+        if url.startswith("postgresql://"):  # SQLAlchemy 2.1 maps it to psycopg 3; we pin psycopg2
+            url = "postgresql+psycopg2://" + url[len("postgresql://"):]
+        for attempt in range(5):
+            try:
+                return RDBStorage(url, heartbeat_interval=30, grace_period=120,
+                                  failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # several workers creating Optuna's tables at once: one wins, the others retry
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 + random.random())
     path = Path(url.removeprefix("journal:")) if url else DEFAULT_STORAGE
     path.parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
