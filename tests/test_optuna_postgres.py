@@ -106,10 +106,6 @@ def test_workers_on_two_machines_share_one_postgres_study(processed_dir, tmp_pat
         assert (tmp_path / "machine3" / "reports" / "tune" / "trials.csv").read_text().count("\n") == 5
 
 
-@pytest.mark.xfail(raises=ImportError, strict=False,
-                   reason="SQLAlchemy 2.1 maps a bare postgresql:// URL to psycopg 3, which requirements.txt "
-                          "does not install (only psycopg2-binary): tune.make_storage should map it to "
-                          "postgresql+psycopg2:// or requirements.txt should add psycopg[binary]")
 def test_bare_postgresql_url_opens_a_study(tmp_path):
     """The URL form users type (`--storage postgresql://user@host/db`) must work."""
     require_postgres()
