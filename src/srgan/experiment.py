@@ -120,6 +120,7 @@ def run_training(
         trainer, result = train(cfg, data, ckpt_dir, cbs)
         summary = {**baseline, **result.val, "train_seconds_this_session": time.time() - started,
                    "total_steps": result.total_steps, "resumed_from": result.resumed_from}
+        run.log_metrics({"total_steps": result.total_steps}, step=result.step)  # for compare.py
         if model_path is not None:
             export_generator(trainer, model_path)
             run.log_artifact(model_path, "model")
