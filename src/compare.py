@@ -5,7 +5,6 @@
 Writes reports/compare/runs.{md,csv,png} and refreshes reports/index.html if it exists.
 """
 
-import argparse
 from pathlib import Path
 
 from srgan import cli, config
@@ -13,8 +12,7 @@ from srgan.config import ROOT
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default=str(config.PARAMS_PATH))
+    ap = cli.parser(__doc__)
     ap.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
     ap.add_argument("--include-trials", action="store_true", help="also list tune.py trials")
     ap.add_argument("--out", default=str(ROOT / "reports/compare"))

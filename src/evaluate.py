@@ -6,7 +6,6 @@ Writes reports/metrics.json, reports/per_image.csv, reports/eval/*.png and repor
 and logs the same numbers to the model's MLflow run.
 """
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -16,8 +15,7 @@ from srgan.fsutil import read_json
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default=str(config.PARAMS_PATH))
+    ap = cli.parser(__doc__)
     ap.add_argument("--model", default=str(ROOT / "models/generator.keras"))
     ap.add_argument("--processed", default=str(ROOT / "data/processed"))
     ap.add_argument("--reports", default=str(ROOT / "reports"))

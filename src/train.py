@@ -6,7 +6,6 @@ Reads data/processed; writes models/generator.keras, models/checkpoints/ (resuma
 reports/train/{history.csv,train_summary.json}. Run it again after an interruption to resume.
 """
 
-import argparse
 from pathlib import Path
 
 from srgan import cli, config
@@ -14,8 +13,7 @@ from srgan.config import ROOT
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default=str(config.PARAMS_PATH), help="params file")
+    ap = cli.parser(__doc__)
     ap.add_argument("--processed", default=str(ROOT / "data/processed"))
     ap.add_argument("--models", default=str(ROOT / "models"))
     ap.add_argument("--reports", default=str(ROOT / "reports/train"))

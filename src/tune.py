@@ -10,6 +10,7 @@ workers on several machines share one study.
 """
 
 import argparse
+import contextlib
 import logging
 import subprocess
 import sys
@@ -22,8 +23,7 @@ log = logging.getLogger("tune")
 
 
 def parse_args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default=str(config.PARAMS_PATH))
+    ap = cli.parser(__doc__)
     ap.add_argument("--n-trials", type=int, help="trials to add in this call (default: tune.n_trials)")
     ap.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     ap.add_argument("--study-name", default="srgan-perpix")
@@ -65,7 +65,7 @@ def main() -> None:
         parent.log_params({"study_name": args.study_name, "n_trials": n_trials, "workers": args.workers,
                            **{f"tune.{k}": v for k, v in cfg.flat().items() if k.startswith("tune.")}})
     parent_id = args.parent_run_id or parent.run_id
-    ctx = tracking.run_context(parent) if parent else _null()
+    ctx = tracking.run_context(parent) if parent else contextlib.nullcontext()
     with ctx:
         # create the study once before workers start (they then only load it)
         tune.open_study(cfg, args.study_name, args.storage)
@@ -111,14 +111,6 @@ def _report(study, paths: dict) -> None:
     print(f"study {study.study_name}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
     if "best" in paths:
         print(paths["best"].read_text())
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from typing import Callable
 
-from .config import ConfigError
+from .config import PARAMS_PATH, ConfigError
 
 
 class UserError(RuntimeError):
     """An expected failure with a message for the user (no traceback)."""
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """Argument parser of a stage script: its docstring as help, and ``--params``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default=str(PARAMS_PATH), help="params file (default: params.yaml)")
+    return ap
 
 
 def setup_logging(verbose: bool = False) -> None:

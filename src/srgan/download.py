@@ -33,6 +33,8 @@ import requests
 import urllib3
 from tqdm import tqdm
 
+from .fsutil import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # 1 MiB: few syscalls, small memory
@@ -88,16 +90,10 @@ def _sidecar(dest: Path) -> Path:
     return dest.with_name(dest.name + SIDECAR_SUFFIX)
 
 
-def _write_json_atomic(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _record_verified(dest: Path, sha256: str) -> None:
     st = dest.stat()
     # size + mtime tie the record to this exact file: a replaced or touched file is re-hashed
-    _write_json_atomic(
+    write_json_atomic(
         _sidecar(dest),
         {"name": dest.name, "sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns},
     )

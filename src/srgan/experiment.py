@@ -16,7 +16,7 @@ import numpy as np
 from . import tracking
 from .config import Config
 from .fsutil import read_json, write_json_atomic
-from .trainer import Callback, TrainData, TrainResult, bicubic_baseline, export_generator, train
+from .trainer import Callback, TrainData, TrainResult, export_generator, train
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class MlflowCallback(Callback):
 class HistoryWriter(Callback):
     """Training curves as CSV for `dvc plots` (rewritten atomically at every log)."""
 
-    def __init__(self, path: Path, start_step: int = 0):
+    def __init__(self, path: Path):
         self.path = Path(path)
         self.rows: list[dict[str, float]] = []
 
@@ -110,7 +110,7 @@ def run_training(
         )
     if state_path is not None:
         write_json_atomic(state_path, {**read_json(state_path, {}), "run_id": run.run_id})
-    baseline = bicubic_baseline(data.valid, cfg.preprocess.scale)
+    baseline = data.baseline(cfg.preprocess.scale)
     cbs: list[Callback] = [MlflowCallback(run, baseline), *callbacks]
     if reports_dir is not None:
         cbs.append(HistoryWriter(Path(reports_dir) / "history.csv"))

@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from . import images
 from .config import Config
+from .fsutil import write_json_atomic
 from .images import ImageError
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,6 @@ def file_sha256(path: Path) -> str:
 
 def _json_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -420,7 +415,7 @@ def preprocess(
     keep_png = {f"{s}.png" for s, r in prog_valid.items() if "skipped" not in r}
     removed += _clean_dir(hr_dir, keep_png) + _clean_dir(lr_dir, keep_png)
     prog = {"version": FORMAT_VERSION, "shards": prog_shards, "valid": prog_valid}
-    _write_json_atomic(out_dir / PROGRESS_NAME, prog)
+    write_json_atomic(out_dir / PROGRESS_NAME, prog)
     if prog_shards or prog_valid or removed:
         log.info("resume: kept %d/%d shards and %d/%d validation images; removed %d stale files",
                  len(prog_shards), len(shards), len(prog_valid), len(seen), removed)
@@ -437,7 +432,7 @@ def preprocess(
         bar = tqdm(total=len(jobs), desc="valid images", unit="img", disable=not progress or not jobs)
         for (stem, name, key), res in zip(valid_plan, _ordered_map(pool, prepare_valid, jobs, depth)):
             prog_valid[stem] = {"key": key, "source": f"valid/{name}", **res}
-            _write_json_atomic(out_dir / PROGRESS_NAME, prog)
+            write_json_atomic(out_dir / PROGRESS_NAME, prog)
             bar.update()
         bar.close()
         if not any("skipped" not in r for r in prog_valid.values()):
@@ -466,7 +461,7 @@ def preprocess(
                     used[r.name] = len(r.offsets)
                 bar.update()
             prog_shards[sh.name] = {"key": sh.key, "crops": writer.close(), "images": used, "skipped": skipped}
-            _write_json_atomic(out_dir / PROGRESS_NAME, prog)
+            write_json_atomic(out_dir / PROGRESS_NAME, prog)
         bar.close()
 
     train_skips = [s for sh in shards for s in prog_shards[sh.name]["skipped"]]
@@ -499,7 +494,7 @@ def preprocess(
         "valid": valid_list,
     }
     manifest["digest"] = _json_digest(manifest)  # the data hash training records as lineage
-    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest
 
 

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -127,8 +128,6 @@ class Run:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Log finite metrics at ``step`` (non-finite values are dropped with a warning)."""
         from mlflow.entities import Metric
-
-        import time
 
         ts = int(time.time() * 1000)
         batch = []

@@ -36,6 +36,13 @@ class TrainData:
     shard_dir: Path
     valid: list[tuple[str, np.ndarray, np.ndarray]]  # (name, lr uint8, hr uint8)
     manifest_digest: str | None = None
+    _baselines: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)
+
+    def baseline(self, scale: int) -> dict[str, float]:
+        """Bicubic PSNR-Y/SSIM-Y of the validation images, computed once per process."""
+        if scale not in self._baselines:
+            self._baselines[scale] = bicubic_baseline(self.valid, scale)
+        return self._baselines[scale]
 
     @classmethod
     def load(cls, processed_dir: Path, val_images: int = 0) -> "TrainData":
