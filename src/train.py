@@ -20,6 +20,7 @@ def main() -> None:
     args = ap.parse_args()
     cli.setup_logging()
     cfg = config.load(args.params)
+    cli.use_onednn(cfg.train.onednn)  # before TensorFlow is imported
 
     from srgan.experiment import run_training
     from srgan.trainer import NonFiniteLossError, TrainData

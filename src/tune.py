@@ -40,6 +40,7 @@ def main() -> None:
     args = parse_args()
     cli.setup_logging()
     cfg = config.load(args.params)
+    cli.use_onednn(cfg.train.onednn)  # before TensorFlow is imported; worker processes inherit it
     from srgan import tune
 
     if args.apply:
@@ -54,7 +55,9 @@ def main() -> None:
         raise cli.UserError(f"--workers: {args.workers} must be >= 1")
     if args.storage and args.storage.startswith("sqlite") and args.workers > 1:
         raise cli.UserError("--storage sqlite:// is not safe for parallel workers; use a journal file or PostgreSQL")
-    n_trials = args.n_trials or cfg.tune.n_trials
+    n_trials = cfg.tune.n_trials if args.n_trials is None else args.n_trials
+    if n_trials < 1:
+        raise cli.UserError(f"--n-trials: {n_trials} must be >= 1")
     from srgan import tracking
 
     tracking.ensure_store()  # create the MLflow schema once, before any parallel writer

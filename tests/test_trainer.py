@@ -129,6 +129,8 @@ def test_killed_training_resumes_from_checkpoint(processed_dir, mlflow_uri, tmp_
     assert len(runs) == 1 and runs[0]["status"] == "FINISHED"
     steps = [s for s, _ in tracking.metric_history(runs[0]["run_id"], "g_mse")]
     assert max(steps) == 60 and resumed + 5 in steps
+    # train.onednn (default true) reached TensorFlow unless the environment set it explicitly
+    assert runs[0]["tags"]["env.TF_ENABLE_ONEDNN_OPTS"] == os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def test_lr_schedules():

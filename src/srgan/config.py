@@ -134,6 +134,7 @@ class TrainConfig:
     val_images: int = _f(4, 0)
     distribute: Literal["auto", "none", "mirrored"] = "auto"
     jit_compile: bool = False
+    onednn: bool = True
     precision: Literal["float32", "mixed_bfloat16"] = "float32"
 
 

@@ -214,7 +214,9 @@ def run_context(run: Run, exception_status: dict[type, str] | None = None) -> It
 
 def config_tags(cfg: Config, manifest_digest: str | None) -> dict[str, str]:
     """Lineage tags: params digest and data manifest digest."""
-    tags = {"params.digest": cfg.digest()}
+    tags = {"params.digest": cfg.digest(),
+            # what this process runs with (train.onednn may be overridden by the environment)
+            "env.TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")}
     if manifest_digest:
         tags["data.manifest_digest"] = manifest_digest
     return tags

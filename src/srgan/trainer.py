@@ -388,7 +388,7 @@ def training_digest(cfg: Config, data: TrainData) -> str:
     d = cfg.to_dict()
     keep = {k: d[k] for k in ("seed", "model", "loss", "vgg", "adv")}
     keep["train"] = {k: v for k, v in d["train"].items()
-                     if k not in ("log_every", "val_every", "checkpoint_every", "val_images")}
+                     if k not in ("log_every", "val_every", "checkpoint_every", "val_images", "onednn")}
     keep["scale"] = cfg.preprocess.scale
     keep["data"] = data.manifest_digest
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
