@@ -60,3 +60,16 @@ def test_broken_yaml_is_reported(tmp_path):
         config.load(p)
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "missing.yaml")
+
+
+def test_readme_paper_recipe_is_valid_params():
+    """Every `-S key=value` of the README's DIV2K paper command names a real param with a valid value."""
+    import re
+
+    readme = (config.ROOT / "README.md").read_text()
+    block = readme.split("### The paper's recipe on DIV2K (GPU)")[1].split("\n\n(")[0]
+    sets = dict(re.findall(r"-S ([\w.]+)=(\S+)", block))
+    assert len(sets) >= 20 and sets["model.generator.upsampler"] == "paper"
+    cfg = config.load(overrides={k: yaml.safe_load(v) for k, v in sets.items()})  # DVC parses values as YAML
+    assert cfg.model.generator.blocks == 16 and cfg.model.generator.batch_norm
+    assert cfg.vgg.weights == "imagenet" and cfg.train.pretrain_steps == 10**6

@@ -50,7 +50,7 @@ def test_pixel_shuffle_matches_tf_depth_to_space():
     [(2, False, True), (3, True, False), (4, True, True), (4, False, False)],
 )
 def test_generator_output_shapes(scale, batch_norm, bicubic_skip):
-    cfg = GeneratorConfig(**TINY_G, batch_norm=batch_norm, bicubic_skip=bicubic_skip)
+    cfg = GeneratorConfig(**TINY_G, batch_norm=batch_norm, bicubic_skip=bicubic_skip, upsampler="paper")
     g = build_generator(cfg, scale)
     assert g.name == "generator"
     assert g.input_shape == (None, None, None, 3)
@@ -60,6 +60,21 @@ def test_generator_output_shapes(scale, batch_norm, bicubic_skip):
     assert any(n.startswith("res0_bn") for n in names) == batch_norm
     assert ("bicubic" in names) == bicubic_skip
     assert sum(isinstance(layer, PixelShuffle) for layer in g.layers) == (2 if scale == 4 else 1)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_light_upsampler_has_no_hr_conv(scale, tmp_path):
+    g = build_generator(GeneratorConfig(**TINY_G, upsampler="light"), scale)
+    x = _lr(2, 5, 6)
+    assert tuple(g(x).shape) == (2, 5 * scale, 6 * scale, 3)
+    # every conv runs at LR resolution: one pixel shuffle straight to RGB
+    assert [layer.block_size for layer in g.layers if isinstance(layer, PixelShuffle)] == [scale]
+    assert g.get_layer("output_conv").filters == 3 * scale * scale
+    # zero-initialised last conv + bicubic skip: the untrained generator is bicubic
+    np.testing.assert_allclose(g(x), tf.image.resize(x, (5 * scale, 6 * scale), method="bicubic"), atol=1e-6)
+    _perturb(g)
+    g.save(tmp_path / "g.keras")
+    np.testing.assert_array_equal(load_generator(tmp_path / "g.keras")(x), g(x))
 
 
 def test_generator_rejects_bad_scale():
@@ -138,7 +153,8 @@ def test_flops_hand_count_tiny_conv_model():
 
 def test_flops_hand_count_generator():
     f, h, w = 4, 5, 6
-    g = build_generator(GeneratorConfig(blocks=1, filters=f, batch_norm=True, bicubic_skip=True), 2)
+    g = build_generator(GeneratorConfig(blocks=1, filters=f, batch_norm=True, bicubic_skip=True,
+                                        upsampler="paper"), 2)
     p = h * w
     hand = 2 * (
         p * 81 * 3 * f  # input 9x9
@@ -148,3 +164,6 @@ def test_flops_hand_count_generator():
         + 4 * p * 81 * f * 3  # output 9x9 at 2x resolution
     )
     assert generator_flops(g, (h, w)) == hand
+    light = build_generator(GeneratorConfig(blocks=1, filters=f, bicubic_skip=True, upsampler="light"), 2)
+    # same trunk; the head is one 3x3 conv to 3 * 2^2 channels at LR resolution
+    assert generator_flops(light, (h, w)) == 2 * (p * 81 * 3 * f + 3 * p * 9 * f * f + p * 9 * f * 12)

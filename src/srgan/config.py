@@ -79,6 +79,7 @@ class GeneratorConfig:
     filters: int = _f(32, 1)
     batch_norm: bool = False
     bicubic_skip: bool = True
+    upsampler: Literal["paper", "light"] = "light"
 
 
 @dataclass

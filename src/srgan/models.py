@@ -122,18 +122,23 @@ def build_generator(cfg: GeneratorConfig, scale: int) -> keras.Model:
         x = layers.BatchNormalization(name="trunk_bn")(x)
     x = layers.Add(name="trunk_add")([head, x])  # long skip over all residual blocks
 
-    for i, r in enumerate(UPSAMPLE_STEPS[scale]):
-        x = _conv(f * r * r, 3, f"up{i}_conv")(x)
-        x = PixelShuffle(r, name=f"up{i}_shuffle")(x)
-        x = _prelu(f"up{i}_prelu")(x)
-
     # float32 head: under a mixed_bfloat16 policy the image output and the skip-sum stay
     # full precision (what Keras recommends for a model's last layer).
     # With the bicubic skip the last conv starts at zero, so the untrained generator *is* bicubic:
     # a random residual on top of it costs the first few hundred steps just to be unlearnt (the
     # residual branch collapses and stalls: measured here as a plateau at the bicubic loss).
     init = "zeros" if cfg.bicubic_skip else "glorot_uniform"
-    out = _conv(3, 9, "output_conv", dtype="float32", kernel_initializer=init)(x)
+    if cfg.upsampler == "light":
+        # ESPCN-style (Shi et al., CVPR 2016): one conv predicts all scale^2 sub-pixels of the RGB
+        # output at LR resolution, so no conv runs at HR resolution (~2.6x fewer FLOPs for 8x32).
+        x = _conv(3 * scale * scale, 3, "output_conv", dtype="float32", kernel_initializer=init)(x)
+        out = PixelShuffle(scale, name="output_shuffle", dtype="float32")(x)
+    else:
+        for i, r in enumerate(UPSAMPLE_STEPS[scale]):
+            x = _conv(f * r * r, 3, f"up{i}_conv")(x)
+            x = PixelShuffle(r, name=f"up{i}_shuffle")(x)
+            x = _prelu(f"up{i}_prelu")(x)
+        out = _conv(3, 9, "output_conv", dtype="float32", kernel_initializer=init)(x)
     if cfg.bicubic_skip:
         # Residual learning on top of bicubic: the net only has to add the missing detail.
         base = BicubicUpsample(scale, name="bicubic", dtype="float32")(lr)
