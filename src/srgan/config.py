@@ -120,7 +120,7 @@ class AdvConfig:
 class TrainConfig:
     batch_size: int = _f(16, 1)
     hr_patch: int = _f(64, 4)
-    pretrain_steps: int = _f(700, 0)
+    pretrain_steps: int = _f(3000, 0)
     gan_steps: int = _f(40, 0)
     lr_pretrain: float = _f(5e-4, 0.0, lo_open=True)
     lr_gan: float = _f(1e-4, 0.0, lo_open=True)
@@ -130,7 +130,7 @@ class TrainConfig:
     lr_decay_factor: float = _f(0.1, 0.0, 1.0, lo_open=True)
     adam_beta1: float = _f(0.9, 0.0, 1.0)
     log_every: int = _f(25, 1)
-    val_every: int = _f(200, 1)
+    val_every: int = _f(500, 1)
     checkpoint_every: int = _f(100, 1)
     val_images: int = _f(4, 0)
     distribute: Literal["auto", "none", "mirrored"] = "auto"
