@@ -33,7 +33,7 @@ def make_storage(url: str | None):
     PostgreSQL supports workers on several machines (with heartbeats to fail dead workers' trials).
     """
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
     if url and re.match(r"^[a-z0-9+]+://", url):
@@ -47,7 +47,7 @@ def make_storage(url: str | None):
         for attempt in range(5):
             try:
                 return RDBStorage(url, heartbeat_interval=30, grace_period=120,
-                                  failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+                                  heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
             except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
                 # several workers creating Optuna's tables at once: one wins, the others retry
                 if attempt == 4:
