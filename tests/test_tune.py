@@ -171,3 +171,12 @@ def test_apply_best_params_keeps_comments(tmp_path):
         config.PARAMS_PATH.read_text().count("\n")
     with pytest.raises(KeyError, match="loss.nope"):
         tune.apply_to_params({"loss.nope": 1}, p)
+
+
+def test_zero_trials_is_an_error_not_the_default(processed_dir, mlflow_uri, tmp_path):
+    cmd = [sys.executable, str(ROOT / "src" / "tune.py"), "--params", str(_params(tmp_path)),
+           "--storage", str(tmp_path / "journal.log"), "--n-trials", "0"]
+    out = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "--n-trials: 0 must be >= 1" in out.stderr, out.stdout + out.stderr
+    assert not (tmp_path / "journal.log").exists()  # nothing was started

@@ -10,6 +10,8 @@ from typing import Callable
 
 from .config import PARAMS_PATH, ConfigError
 
+log = logging.getLogger(__name__)
+
 
 class UserError(RuntimeError):
     """An expected failure with a message for the user (no traceback)."""
@@ -45,11 +47,11 @@ def use_onednn(enabled: bool) -> str:
     have = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     if have is not None:
         if have != want:
-            logging.getLogger(__name__).warning(
-                "TF_ENABLE_ONEDNN_OPTS=%s from the environment overrides train.onednn: %s", have, enabled)
+            log.warning("TF_ENABLE_ONEDNN_OPTS=%s from the environment overrides train.onednn: %s",
+                        have, enabled)
         return have
     if "tensorflow" in sys.modules:  # too late to change; report what this process runs with
-        logging.getLogger(__name__).warning("TensorFlow already imported: train.onednn has no effect here")
+        log.warning("TensorFlow already imported: train.onednn has no effect here")
         return "unset"
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = want
     return want

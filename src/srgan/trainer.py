@@ -83,6 +83,10 @@ class Callback:
     def on_train_end(self, result: TrainResult) -> None: ...
 
 
+# device names -> the MirroredStrategy this process made for them (see make_strategy)
+_MIRRORED: dict[tuple[str, ...], Any] = {}
+
+
 def make_strategy(mode: str):
     """tf.distribute strategy for ``train.distribute``.
 
@@ -104,10 +108,9 @@ def make_strategy(mode: str):
     gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
     if mode == "mirrored" or (mode == "auto" and len(gpus) > 1):
         devices = tuple(gpus or [d.name for d in tf.config.list_logical_devices("CPU")])
-        cache = make_strategy.__dict__.setdefault("mirrored", {})  # devices -> strategy, this process
-        if devices not in cache:
-            cache[devices] = tf.distribute.MirroredStrategy(devices=list(devices))
-        strategy = cache[devices]
+        if devices not in _MIRRORED:
+            _MIRRORED[devices] = tf.distribute.MirroredStrategy(devices=list(devices))
+        strategy = _MIRRORED[devices]
         log.info("train.distribute=%s: MirroredStrategy over %d replicas %s",
                  mode, strategy.num_replicas_in_sync, list(devices))
         return strategy
