@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,13 +105,16 @@ def test_killed_training_resumes_from_checkpoint(processed_dir, mlflow_uri, tmp_
     deadline = time.time() + 300
     killed_after = None
     while time.time() < deadline and proc.poll() is None:
-        index = ckpt / "checkpoint"
-        if index.exists() and "ckpt-" in index.read_text():
-            steps = [int(p.name.split("-")[1].split(".")[0]) for p in ckpt.glob("ckpt-*.index")]
-            if steps and max(steps) >= 10:
-                proc.send_signal(signal.SIGKILL)
-                killed_after = max(steps)
-                break
+        # The state file names the last *completed* checkpoint (TF rewrites it atomically after
+        # the data and index files). A ckpt-N.index alone may belong to a save still in progress,
+        # which a kill legitimately discards.
+        state = ckpt / "checkpoint"
+        latest = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', state.read_text(), re.M) \
+            if state.exists() else None
+        if latest and int(latest.group(1)) >= 10:
+            proc.send_signal(signal.SIGKILL)
+            killed_after = int(latest.group(1))
+            break
         time.sleep(0.2)
     proc.wait()
     assert killed_after is not None, "the run ended before it could be killed:\n" + proc.stdout.read()
