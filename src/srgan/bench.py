@@ -1078,6 +1078,26 @@ def _timed(variants: dict[str, Any], step: str, f32_only: bool = False) -> dict[
     }
 
 
+def quality_comparison(q: dict[str, Any]) -> dict[str, Any]:
+    """bf16 vs float32 from the two quality_summary() results: mean delta, paired deltas, seed spread."""
+    out: dict[str, Any] = {}
+    if not (_ok(q.get("float32")) and _ok(q.get("mixed_bfloat16"))):
+        return out
+    a, b = q["float32"]["psnr_y"], q["mixed_bfloat16"]["psnr_y"]
+    out["quality_psnr_y_bf16_minus_f32"] = b["mean"] - a["mean"]
+    runs_a, runs_b = q["float32"]["runs"], q["mixed_bfloat16"]["runs"]
+    if [r["seed"] for r in runs_a] == [r["seed"] for r in runs_b]:  # same seeds: paired differences
+        out["quality_paired_deltas_db"] = [
+            rb["val"]["val_psnr_y"] - ra["val"]["val_psnr_y"] for ra, rb in zip(runs_a, runs_b)
+        ]
+    if a["n"] > 1:
+        # equal = the precision changes PSNR-Y by less than changing the seed does
+        spread = max(a["max"] - a["min"], b["max"] - b["min"])
+        out["quality_seed_spread_db"] = spread
+        out["quality_equal_within_seed_spread"] = abs(b["mean"] - a["mean"]) <= spread
+    return out
+
+
 def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
     """Machine limit, fastest variants, upscale memory ratio, quality delta and the issue's targets."""
     out: dict[str, Any] = {"errors": {}}
@@ -1117,21 +1137,7 @@ def summarize_report(report: dict[str, Any]) -> dict[str, Any]:
         # tiles of one shape only when both images are at least one window big
         out["upscale_comparable"] = s["window_hw"] == lg["window_hw"] and s["windows"] > 1
 
-    q = report.get("quality") or {}
-    if _ok(q.get("float32")) and _ok(q.get("mixed_bfloat16")):
-        a, b = q["float32"]["psnr_y"], q["mixed_bfloat16"]["psnr_y"]
-        out["quality_psnr_y_bf16_minus_f32"] = b["mean"] - a["mean"]
-        runs_a, runs_b = q["float32"]["runs"], q["mixed_bfloat16"]["runs"]
-        if [r["seed"] for r in runs_a] == [r["seed"] for r in runs_b]:  # same seeds: paired differences
-            out["quality_paired_deltas_db"] = [
-                rb["val"]["val_psnr_y"] - ra["val"]["val_psnr_y"] for ra, rb in zip(runs_a, runs_b)
-            ]
-        if a["n"] > 1:
-            # equal = the precision changes PSNR-Y by less than changing the seed does
-            spread = max(a["max"] - a["min"], b["max"] - b["min"])
-            out["quality_seed_spread_db"] = spread
-            out["quality_equal_within_seed_spread"] = abs(b["mean"] - a["mean"]) <= spread
-
+    out.update(quality_comparison(report.get("quality") or {}))
     out["targets"] = targets(report, out)
     return out
 
