@@ -149,3 +149,33 @@ def test_whole_image_for_all_scales_is_clipped(models: dict[int, keras.Model]) -
     for scale, (h, w) in itertools.product((2, 3), [(3, 5)]):
         sr = inference.upscale(models[scale], _image(h, w), scale)
         assert sr.shape == (h * scale, w * scale, 3) and sr.dtype == np.uint8
+
+
+def test_dihedral_transforms_invert_on_non_square_images() -> None:
+    img = _image(5, 7)
+    seen = set()
+    for k, flip in inference.DIHEDRAL:
+        t = inference._forward(img, k, flip)
+        assert t.shape == ((7, 5, 3) if k % 2 else (5, 7, 3))
+        np.testing.assert_array_equal(inference._inverse(t, k, flip), img)
+        seen.add(t.tobytes())
+    assert len(seen) == 8  # eight distinct symmetries, not one counted twice
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_self_ensemble_is_equivariant_and_not_a_single_pass(models: dict[int, keras.Model], scale: int) -> None:
+    """E(T x) = T E(x) for every flip/rotation T, although the model itself is not equivariant."""
+    model, lr = models[scale], _image(9, 13, seed=5)
+    ens = inference.upscale(model, lr, scale, self_ensemble=True)
+    single = inference.upscale(model, lr, scale)
+    assert ens.shape == single.shape == (9 * scale, 13 * scale, 3)
+    assert np.abs(ens.astype(int) - single.astype(int)).max() > 1  # averaging changed the output
+    for k, flip in inference.DIHEDRAL:
+        moved = inference.upscale(model, inference._forward(lr, k, flip), scale, self_ensemble=True)
+        # the same 8 outputs summed in another order: equal up to float rounding (rare 1-level flips)
+        diff = np.abs(moved.astype(int) - inference._forward(ens, k, flip).astype(int))
+        assert diff.max() <= 1 and (diff == 0).mean() >= 0.999, (k, flip)
+    # the ensemble composes with tiling: tiled windows (rotated shapes too) give the same image
+    tiled = inference.upscale(model, lr, scale, tile=4, overlap=RF_RADIUS, self_ensemble=True)
+    diff = np.abs(tiled.astype(int) - ens.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.999

@@ -102,3 +102,23 @@ def test_upscale_files_matches_upscale(tmp_path: Path, model_path: Path) -> None
     assert res.ok and res.out == tmp_path / "o" / "x_x4.png"
     expected = inference.upscale(model, lr, SCALE, tile=8, overlap=12)
     np.testing.assert_array_equal(images.load_rgb(res.out), expected)
+
+
+def test_self_ensemble_flag_writes_the_ensemble(tmp_path: Path) -> None:
+    import upscale  # src/ is on the test path
+
+    from srgan import images
+
+    g = models.build_generator(GeneratorConfig(blocks=1, filters=4), SCALE)
+    last = g.get_layer("output_conv")  # zero-initialised = plain bicubic, which flips would not change
+    rng = np.random.default_rng(1)
+    last.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in last.get_weights()])
+    g.save(tmp_path / "g.keras")
+    lr = _rgb(9, 7, 3)
+    images.save_png(tmp_path / "x.png", lr)
+    assert upscale.main(["--model", str(tmp_path / "g.keras"), "--out", str(tmp_path / "o"), "--tile", "0",
+                         "--self-ensemble", str(tmp_path / "x.png")]) == 0
+    model = models.load_generator(tmp_path / "g.keras")
+    written = images.load_rgb(tmp_path / "o" / "x_x4.png")
+    np.testing.assert_array_equal(written, inference.upscale(model, lr, SCALE, tile=0, self_ensemble=True))
+    assert not np.array_equal(written, inference.upscale(model, lr, SCALE, tile=0))

@@ -144,6 +144,7 @@ class EvaluateConfig:
     tile: int = _f(128, 0)
     tile_overlap: int = _f(24, 0)
     zoom: int = _f(64, 8)
+    self_ensemble: bool = False
 
 
 @dataclass

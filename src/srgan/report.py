@@ -98,13 +98,14 @@ def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes 
 
 def _metric_section(metrics: dict[str, Any]) -> str:
     rows = []
-    for k in ("psnr_y", "ssim_y", "psnr_rgb"):
-        if k in metrics:
-            sr, bic = metrics[k], metrics.get(f"bicubic_{k}")
-            gain = sr - bic if bic is not None else None
-            cls = "better" if gain and gain > 0 else "worse"
-            rows.append(f"<tr><td>{k}</td><td>{_fmt(sr)}</td><td>{_fmt(bic)}</td>"
-                        f"<td class={cls}>{gain:+.4f}</td></tr>")
+    for prefix, label in (("", ""), ("x8_", " (self-ensemble x8)")):
+        for k in ("psnr_y", "ssim_y", "psnr_rgb"):
+            if f"{prefix}{k}" in metrics:
+                sr, bic = metrics[f"{prefix}{k}"], metrics.get(f"bicubic_{k}")
+                gain = sr - bic if bic is not None else None
+                cls = "better" if gain and gain > 0 else "worse"
+                rows.append(f"<tr><td>{k}{label}</td><td>{_fmt(sr)}</td><td>{_fmt(bic)}</td>"
+                            f"<td class={cls}>{'-' if gain is None else f'{gain:+.4f}'}</td></tr>")
     return ("<table><thead><tr><th>metric</th><th>SRGAN generator</th><th>bicubic</th><th>gain</th></tr>"
             f"</thead><tbody>{''.join(rows)}</tbody></table>"
             f"<p class=muted>Means over {metrics.get('n_images', '?')} whole validation images, x{metrics.get('scale', '?')}; "
