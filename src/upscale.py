@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap", type=int, default=None, help="LR px of context around each tile")
     ap.add_argument("--batch", type=int, default=1, help="tiles per model call")
     ap.add_argument("--self-ensemble", action="store_true",
-                    help="average the 8 flips/rotations (EDSR's '+'): 8x slower, slightly higher PSNR")
+                    help="average the 8 flips/rotations (EDSR's '+'): 8x slower, a float32 HR buffer "
+                         "(12 bytes per output pixel), slightly higher PSNR")
     args = ap.parse_args(argv)
     ev = _defaults()
     tile = ev.tile if args.tile is None else args.tile

@@ -175,3 +175,13 @@ def test_quick_run_writes_a_complete_report(processed_dir, tmp_path):
     assert _positive(g["needs_flop_per_s"]) and isinstance(g["reachable"], bool)
     assert rep["is_target_config"] is False
     assert bench.format_report(rep)  # the table renders from the stored JSON too
+
+    # with two seeds per precision the table pairs them and gives a verdict (runs re-seeded copies)
+    for prec in ("float32", "mixed_bfloat16"):
+        r0 = rep["quality"][prec]["runs"][0]
+        r1 = json.loads(json.dumps(r0))
+        r1["seed"], r1["val"]["val_psnr_y"] = seed + 1, r0["val"]["val_psnr_y"] + 5.0  # spread >> any delta
+        rep["quality"][prec] = bench.quality_summary([r0, r1])
+    rep["summary"].update(bench.quality_comparison(rep["quality"]))
+    text = bench.format_report(rep)
+    assert "2 seed(s)" in text and "per seed:" in text and "equal within seed noise" in text
