@@ -165,7 +165,9 @@ def test_dihedral_views_write_back_to_the_original_frame() -> None:
 
 
 @pytest.mark.parametrize("scale", [2, 3])
-def test_self_ensemble_is_equivariant_and_not_a_single_pass(models: dict[int, keras.Model], scale: int) -> None:
+def test_self_ensemble_is_equivariant_and_not_a_single_pass(
+    models: dict[int, keras.Model], scale: int
+) -> None:
     """E(T x) = T E(x) for every flip/rotation T, although the model itself is not equivariant."""
     model, lr = models[scale], _image(9, 13, seed=5)
     ens = inference.upscale(model, lr, scale, self_ensemble=True)

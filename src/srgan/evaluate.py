@@ -91,7 +91,8 @@ def evaluate(cfg: Config, model_path: Path, processed_dir: Path, reports_dir: Pa
         row = {"name": name, **m_sr, **{f"bicubic_{k}": v for k, v in m_bic.items()}}
         if ev.self_ensemble:
             # reported next to, never instead of, the single-pass figures: it costs 8 passes
-            sr8 = inference.upscale(model, lr, scale, tile=ev.tile, overlap=ev.tile_overlap, self_ensemble=True)
+            sr8 = inference.upscale(model, lr, scale, tile=ev.tile, overlap=ev.tile_overlap,
+                                    self_ensemble=True)
             row.update({f"x8_{k}": v for k, v in metrics.evaluate_pair(sr8, hr, scale).items()})
         rows.append(row)
         images.save_png(eval_dir / f"{name}_compare.png", comparison_image(lr, bic, sr, hr, ev.zoom))
