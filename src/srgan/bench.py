@@ -1425,7 +1425,8 @@ def format_report(report: dict[str, Any]) -> str:
     if rows:
         lines += [
             "",
-            "Targets (issue: 2-core CPU, batch 16, HR 96, 16-block G; here 16x64 G with the paper upsampler, paper D)",
+            "Targets (issue: 2-core CPU, batch 16, HR 96, 16-block G; "
+            "here 16x64 G with the paper upsampler, paper D)",
             f"{'target':<36}{'goal':>8}{'measured':>10}  {'result':<7}{'variant':<9}"
             "reachable? (FLOP arithmetic)",
         ]
@@ -1487,8 +1488,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--target-config",
         action="store_true",
-        help="the issue's target setting: 16x64 generator (paper upsampler), paper discriminator (64 filters, dense 1024), "
-        "batch 16, HR 96 (other model settings from params); --blocks etc. still override",
+        help="the issue's target setting: 16x64 generator (paper upsampler), paper discriminator "
+        "(64 filters, dense 1024), batch 16, HR 96 (other model settings from params); --blocks etc. "
+        "still override",
     )
     ap.add_argument(
         "--quick",
