@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from srgan import cli, config
+from srgan.mos import db as mos_db
 from srgan.mos import study as mos_study
 
 DEFAULT_STUDY = config.ROOT / "mos" / "study"
@@ -36,11 +37,15 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _results(args: argparse.Namespace) -> None:
-    from srgan.mos import db, results
+    from srgan.mos import results
     from srgan.mos.app import default_db
 
     st = mos_study.load_study(args.study)
-    res = results.compute(st, db.load_ratings(args.db or default_db(args.study), st.study_id))
+    db_path = args.db or default_db(args.study)
+    # No database beside the study just means nobody has rated yet; a --db that names a missing
+    # file is a mistake and load_ratings says so.
+    ratings = [] if args.db is None and not db_path.exists() else mos_db.load_ratings(db_path, st.study_id)
+    res = results.compute(st, ratings)
     paths = results.write_reports(res, args.out)
     for name, m in res["methods"].items():
         mos = "   –" if m["mos"] is None else f"{m['mos']:.2f}"
@@ -94,4 +99,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run_main(main, expected=(mos_study.StudyError,))
+    cli.run_main(main, expected=(mos_study.StudyError, mos_db.RatingsError))

@@ -23,7 +23,7 @@ from PIL import Image
 from werkzeug.serving import make_server
 
 from srgan.mos import study as S
-from srgan.mos.app import create_app, order_for
+from srgan.mos.app import CSRF_HEADER, create_app, order_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,10 +69,35 @@ def server(env):
     t.join(5)
 
 
+def csrf(client) -> str:
+    """The CSRF token the app gives this client (as the rating page would embed it)."""
+    return client.get("/api/state").get_json()["csrf"]
+
+
+def post(client, path: str, **kw):
+    """POST as the app's own pages do: with the client's CSRF token."""
+    headers = {CSRF_HEADER: csrf(client), **kw.pop("headers", {})}
+    return client.post(path, headers=headers, **kw)
+
+
+def next_of(client) -> str:
+    return client.get("/api/state").get_json()["next"]
+
+
 def _rater(client, name: str = "ann") -> str:
-    r = client.post("/start", json={"name": name})
+    r = post(client, "/start", json={"name": name})
     assert r.status_code == 200
     return r.get_json()["rater"]
+
+
+def session(base: str, name: str) -> requests.Session:
+    """A requests session that started as rater ``name`` and sends its CSRF token on every request."""
+    s = requests.Session()
+    s.headers[CSRF_HEADER] = s.get(f"{base}/api/state", timeout=10).json()["csrf"]
+    r = s.post(f"{base}/start", json={"name": name}, timeout=10)
+    assert r.status_code == 200, r.text
+    s.headers[CSRF_HEADER] = r.json()["csrf"]  # the token is bound to the new rater cookie
+    return s
 
 
 TRAVERSALS = [
@@ -141,7 +166,7 @@ def test_method_never_reaches_the_rater(env):
         assert word not in html
 
 
-BAD_SCORES = [0, 6, -1, "0", "6", "x", "", " 3", "3.0", "3.5", 3.5, 3.0, True, None, [3], {"v": 3}]
+BAD_SCORES = [0, 6, -1, "0", "6", "x", "", " 3", "3\n", "3.0", "3.5", 3.5, 3.0, True, None, [3], {"v": 3}]
 
 
 def test_bad_ratings_are_rejected_and_change_nothing(env):
@@ -149,39 +174,40 @@ def test_bad_ratings_are_rejected_and_change_nothing(env):
     c = app.test_client()
     sid = next(iter(st.stimuli))
     # No rater yet
-    r = c.post("/rate", json={"stimulus": sid, "score": 3})
+    r = post(c, "/rate", json={"stimulus": sid, "score": 3})
     assert r.status_code == 400 and "no rater" in r.get_json()["error"]
     _rater(c)
+    sid = next_of(c)  # the one stimulus this rater may rate: bad scores must fail for it too
     before = rows(dbp)
     for score in BAD_SCORES:
-        r = c.post("/rate", json={"stimulus": sid, "score": score})
+        r = post(c, "/rate", json={"stimulus": sid, "score": score})
         assert r.status_code == 400, score
         assert "score must be an integer from 1" in r.get_json()["error"]
     for score in ("0", "6", "x", "2.5", ""):  # the HTML form path: text message, same status
-        r = c.post("/rate", data={"stimulus": sid, "score": score})
+        r = post(c, "/rate", data={"stimulus": sid, "score": score})
         assert r.status_code == 400 and b"score must be an integer" in r.data
     for unknown in ("0000000000000000", "../../etc/passwd", sid.upper(), "", 12, None):
-        r = c.post("/rate", json={"stimulus": unknown, "score": 3})
+        r = post(c, "/rate", json={"stimulus": unknown, "score": 3})
         assert r.status_code == 400 and r.get_json()["error"] == "unknown stimulus id", unknown
-    r = c.post("/rate", data=b"not json", content_type="application/json")
+    r = post(c, "/rate", data=b"not json", content_type="application/json")
     assert r.status_code == 400
-    r = c.post("/rate", json=[sid, 3])
+    r = post(c, "/rate", json=[sid, 3])
     assert r.status_code == 400
     assert rows(dbp) == before == []
 
 
 def test_duplicate_rating_is_409_and_keeps_the_first(env):
-    st, app, dbp = env
+    _, app, dbp = env
     c = app.test_client()
     _rater(c)
-    sid = next(iter(st.stimuli))
-    r = c.post("/rate", json={"stimulus": sid, "score": 2})
+    sid = next_of(c)
+    r = post(c, "/rate", json={"stimulus": sid, "score": 2})
     assert r.status_code == 200 and r.get_json()["rated"] == 1
     before = rows(dbp)
     for score in (2, 5):
-        r = c.post("/rate", json={"stimulus": sid, "score": score})
+        r = post(c, "/rate", json={"stimulus": sid, "score": score})
         assert r.status_code == 409 and "already been rated" in r.get_json()["error"]
-    r = c.post("/rate", data={"stimulus": sid, "score": "5"})  # form: readable page, same 409
+    r = post(c, "/rate", data={"stimulus": sid, "score": "5"})  # form: readable page, same 409
     assert r.status_code == 409 and b"already been rated" in r.data
     assert rows(dbp) == before and before[0][4] == 2
 
@@ -197,17 +223,24 @@ def test_order_is_per_rater_and_state_comes_from_db(env):
     for i in range(5):
         state = a.get("/api/state").get_json()
         assert state["rated"] == i and state["next"] == order_for(st, ra)[i]
-        a.post("/rate", json={"stimulus": state["next"], "score": 3})
+        post(a, "/rate", json={"stimulus": state["next"], "score": 3})
         seen.append(state["next"])
-    # A fresh app (a restarted server) and a new browser (no cookie) with the same name continue.
+    # A fresh app (a restarted server) with the same cookies continues, forms still valid.
     c = create_app(st.root, dbp).test_client()
-    assert _rater(c, "ann") == ra
+    for cookie in ("mos_rater", "mos_session"):
+        c.set_cookie(cookie, a.get_cookie(cookie).value)
     state = c.get("/api/state").get_json()
-    assert state["rated"] == 5 and state["next"] not in seen
+    assert state["rater"] == ra and state["rated"] == 5 and state["next"] not in seen
+    # A new browser (no cookie) continues with the resume code shown on the rating page.
+    html = a.get("/").get_data(as_text=True)
+    code = html.split('id="resume-code">')[1].split("<")[0]
+    e = create_app(st.root, dbp).test_client()
+    r = post(e, "/start", json={"code": code.lower()})  # typed in any case
+    assert r.status_code == 200 and r.get_json()["rater"] == ra and r.get_json()["rated"] == 5
     # A forged cookie is not a rater.
     d = app.test_client()
-    d.set_cookie("mos_rater", "f" * 32)
-    assert d.post("/rate", json={"stimulus": state["next"], "score": 3}).status_code == 400
+    d.set_cookie("mos_rater", "F" * 24)
+    assert post(d, "/rate", json={"stimulus": state["next"], "score": 3}).status_code == 400
 
 
 def test_two_raters_at_once(server):
@@ -215,8 +248,7 @@ def test_two_raters_at_once(server):
     ids = list(st.stimuli)
 
     def rate_all(name: str) -> list[int]:
-        s = requests.Session()
-        assert s.post(f"{base}/start", json={"name": name}, timeout=10).status_code == 200
+        s = session(base, name)
         codes = []
         while True:
             state = s.get(f"{base}/api/state", timeout=10).json()
@@ -238,20 +270,49 @@ def test_two_raters_at_once(server):
 
 
 def test_same_rating_raced_is_stored_once(server):
-    base, _, st, dbp = server
-    s = requests.Session()
-    s.post(f"{base}/start", json={"name": "racer"}, timeout=10)
-    sid = next(iter(st.stimuli))
-    cookies = s.cookies.get_dict()
+    base, _, _, dbp = server
+    s = session(base, "racer")
+    sid = s.get(f"{base}/api/state", timeout=10).json()["next"]
+    cookies, headers = s.cookies.get_dict(), dict(s.headers)
 
-    def post(score: int) -> int:
+    def rate(score: int) -> int:
         return requests.post(f"{base}/rate", json={"stimulus": sid, "score": score}, cookies=cookies,
-                             timeout=10).status_code
+                             headers=headers, timeout=10).status_code
 
     with ThreadPoolExecutor(8) as ex:
-        codes = list(ex.map(post, [1, 2, 3, 4, 5, 1, 2, 3]))
+        codes = list(ex.map(rate, [1, 2, 3, 4, 5, 1, 2, 3]))
     assert sorted(codes) == [200] + [409] * 7
     assert len(rows(dbp)) == 1
+
+
+def test_one_name_raced_gives_one_rater(server):
+    base, _, _, _ = server
+
+    def claim(_: int) -> int:
+        s = requests.Session()
+        s.headers[CSRF_HEADER] = s.get(f"{base}/api/state", timeout=10).json()["csrf"]
+        return s.post(f"{base}/start", json={"name": "sam"}, timeout=10).status_code
+
+    with ThreadPoolExecutor(8) as ex:
+        codes = list(ex.map(claim, range(8)))
+    assert sorted(codes) == [200] + [409] * 7
+
+
+def test_huge_chunked_body_over_http_is_refused(server):
+    # No Content-Length to check up front: the server must still stop at the body cap.
+    base, _, _, dbp = server
+    s = session(base, "big")
+    nxt = s.get(f"{base}/api/state", timeout=10).json()["next"]
+
+    def body():
+        yield f'{{"stimulus": "{nxt}", "score": 3, "pad": "'.encode()
+        for _ in range(1024):
+            yield b"x" * 1024
+        yield b'"}'
+
+    r = s.post(f"{base}/rate", data=body(), headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code in (400, 413) and "error" in r.json()
+    assert rows(dbp) == []
 
 
 def _free_port() -> int:
@@ -277,8 +338,7 @@ def test_ratings_survive_a_killed_server(env, tmp_path):
                 break
             except requests.ConnectionError:
                 time.sleep(0.1)
-        s = requests.Session()
-        s.post(f"{base}/start", json={"name": "kim"}, timeout=10)
+        s = session(base, "kim")
         for i in range(3):
             nxt = s.get(f"{base}/api/state", timeout=10).json()["next"]
             assert s.post(f"{base}/rate", json={"stimulus": nxt, "score": i + 1}, timeout=10).status_code == 200

@@ -128,6 +128,7 @@ def test_rate_reload_continue_in_browser(site, browser, tmp_path):
     page.reload()
     assert _progress(page) == f"6 / {total}"
     assert _current(page) not in given
+    code = page.inner_text("#resume-code").strip()
     shot = tmp_path / "mos-screenshot.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
@@ -150,13 +151,19 @@ def test_rate_reload_continue_in_browser(site, browser, tmp_path):
     assert set(given) == set(st.stimuli)
 
     ctx.close()
-    # A different browser (fresh cookies), same name: the DB says alice is done.
+    # A different browser (fresh cookies), same name: the name is a label, not a key to alice's
+    # progress; it is refused on the start page.
     ctx = browser.new_context()
     p2 = ctx.new_page()
     p2.goto(base)
     p2.fill("#name", "alice")
     with p2.expect_navigation():
         p2.click("#start")
+    assert "already taken" in p2.inner_text("#error") and p2.locator("#stimulus").count() == 0
+    # alice herself continues there with the resume code her rating page showed: she is done.
+    p2.fill("#code", code)
+    with p2.expect_navigation():
+        p2.click("#resume")
     assert p2.is_visible("#done")
     ctx.close()
 
@@ -176,4 +183,50 @@ def test_double_click_rates_once_and_anonymous_raters(site, browser):
     assert _progress(page) == f"2 / {len(st.stimuli)}"
     assert _db(dbp, "SELECT stimulus, score FROM ratings") == [(first, 2)]
     assert _current(page) != first
+    ctx.close()
+
+
+@pytest.fixture()
+def evil_site():
+    """Another origin on this machine (same host, other port) serving whatever page a test sets."""
+    page = {"html": b""}
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+        return [page["html"]]
+
+    srv = make_server("127.0.0.1", 0, app, threaded=True)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_port}", page
+    srv.shutdown()
+    t.join(5)
+
+
+def test_cross_site_form_cannot_rate(site, browser, evil_site):
+    # Same host, other port: another origin but the same *site*, so the SameSite=Lax rater cookie
+    # IS sent with the forged POST; only the Origin check and the CSRF token stop it.
+    base, _, dbp = site
+    evil, evil_page = evil_site
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(base)
+    page.fill("#name", "victim")
+    with page.expect_navigation():
+        page.click("#start")
+    sid = _current(page)
+    evil_page["html"] = (
+        f'<form method="post" action="{base}/rate"><input name="stimulus" value="{sid}">'
+        '<input name="score" value="1"><input name="csrf" value="guess"></form>'
+        "<script>document.forms[0].submit()</script>"
+    ).encode()
+    attack = ctx.new_page()
+    with attack.expect_navigation(url=f"{base}/rate"):
+        attack.goto(evil)
+    assert "cross-site request refused" in attack.inner_text("#error")
+    assert _db(dbp, "SELECT * FROM ratings") == []
+    # The victim's own page still rates (its same-origin POST passes the same checks).
+    with page.expect_navigation():
+        page.click("#score-4")
+    assert _db(dbp, "SELECT stimulus, score FROM ratings") == [(sid, 4)]
     ctx.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ from PIL import Image
 
 import mos as mos_cli
 from srgan.mos import study as S
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_valid(root: Path, n: int = 3, lr_hw: tuple[int, int] = (12, 16), scale: int = 4) -> Path:
@@ -124,3 +128,85 @@ def test_cli_prepare_and_results(tmp_path, capsys):
     mos_cli.main(["results", "--study", str(study), "--out", str(out), "--no-mlflow"])
     assert "no ratings yet" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"mos.json", "mos.md", "mos.png"}
+
+
+def test_cli_mistakes_print_one_error_line(tmp_path):
+    """Realistic mistakes end in one ``error: ...`` line and exit 1, never a traceback."""
+    valid = make_valid(tmp_path / "valid", n=1)
+    study = tmp_path / "study"
+    S.prepare_study(valid, study, log=lambda s: None)
+    not_sqlite = tmp_path / "notes.txt"
+    not_sqlite.write_text("these are not ratings\n" * 100)
+    (tmp_path / "fake.keras").write_bytes(b"not a zip archive")
+    new_study = tmp_path / "new-study"
+    prep = ["prepare", "--valid", str(valid), "--study", str(new_study)]
+    res = ["results", "--study", str(study), "--out", str(tmp_path / "reports"), "--no-mlflow"]
+    cases = [
+        ([*prep, "--model", "b=params.yaml"], "params.yaml is not a Keras model file"),  # the reported one
+        ([*prep, "--model", f"b={tmp_path / 'fake.keras'}"], "is not a Keras model file"),
+        ([*prep, "--model", "b=no/such/model.keras"], "is not a file"),
+        ([*res, "--db", str(not_sqlite)], "not a sqlite"),  # the reported one
+        ([*res, "--db", str(tmp_path / "missing.sqlite")], "no ratings database"),
+        (["serve", "--study", str(study), "--db", str(not_sqlite), "--port", "1"], "not a sqlite"),
+    ]
+    for args, message in cases:
+        # cwd = the repository: "b=params.yaml" is the project's real params file, as typed there.
+        p = subprocess.run([sys.executable, str(ROOT / "src" / "mos.py"), *args], cwd=ROOT, check=False,
+                           capture_output=True, text=True, timeout=120)
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 1, (args, p.stderr)
+        assert "Traceback" not in p.stderr, (args, p.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, p.stderr)
+        assert message in lines[0], (args, lines[0])
+    assert not new_study.exists() and not (tmp_path / "reports").exists()
+    assert not_sqlite.read_text() == "these are not ratings\n" * 100  # refused, not converted
+
+
+def test_prepare_writes_equal_size_stimuli(tmp_path):
+    valid = make_valid(tmp_path / "valid", n=2)
+    st = S.prepare_study(valid, tmp_path / "study", [S.ModelMethod("gan", fake_model, "fake")],
+                         log=lambda s: None)
+    for img in st.images:
+        files = [st.stimuli_dir / s.file for s in st.stimuli.values() if s.image == img]
+        assert len({f.stat().st_size for f in files}) == 1
+        w, h = 64, 48
+        assert files[0].stat().st_size == len(S.blind_png(np.zeros((h, w, 3), np.uint8)))
+    assert S.blinding_problems(st) == []
+    with pytest.raises(S.StudyError, match="uint8 HxWx3"):
+        S.blind_png(np.zeros((4, 4), np.uint8))
+
+
+def test_prepare_write_order_does_not_follow_the_method(tmp_path):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for i in range(8):
+        (probe / f"{i}").write_bytes(b"x")
+    inodes = [(probe / f"{i}").stat().st_ino for i in range(8)]
+    if inodes != sorted(inodes):
+        pytest.skip("inode numbers on this file system do not follow creation order")
+    # Inode order is write order here, as `ls -i` or a directory listing would show it.
+    valid = make_valid(tmp_path / "valid", n=6)
+    st = S.prepare_study(valid, tmp_path / "study", [S.ModelMethod("gan", fake_model, "fake")],
+                         log=lambda s: None)
+    orders = set()
+    for img in st.images:
+        stims = [s for s in st.stimuli.values() if s.image == img]
+        stims.sort(key=lambda s: (st.stimuli_dir / s.file).stat().st_ino)
+        orders.add(tuple(s.method for s in stims))
+    assert len(orders) > 1  # a fixed order would repeat on all 6 images (chance: 24^-5)
+
+
+def test_model_method_loads_a_real_generator_and_refuses_other_archives(tmp_path, tiny_cfg):
+    pytest.importorskip("tensorflow")
+    import zipfile
+
+    from srgan.models import build_generator, save_generator
+
+    path = save_generator(build_generator(tiny_cfg.model.generator, 4), tmp_path / "g.keras")
+    m = S.model_method(f"g={path}", tile=0)
+    sr = m.upscale(np.zeros((6, 5, 3), np.uint8), 4)
+    assert (m.name, m.source, sr.shape, sr.dtype) == ("g", str(path), (24, 20, 3), np.uint8)
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as z:  # a zip, but no Keras model inside
+        z.writestr("readme.txt", "hello")
+    with pytest.raises(S.StudyError, match="not a loadable generator"):
+        S.model_method(f"g={tmp_path / 'other.keras'}")

@@ -4,36 +4,70 @@ WAL mode so readers never block the writer, autocommit so each rating is durable
 request answers (a killed server loses nothing), and UNIQUE(rater, stimulus) so the database
 itself, not the app's bookkeeping, guarantees nobody rates a stimulus twice, even under races.
 One connection per request: sqlite connections must not be shared between threads.
+
+A rater is known by a secret token the server issues (kept in a cookie); the table holds only
+its SHA-256, so a copy of the database does not let anyone act as a rater. The name is a label
+for the experimenter, never a credential. Reading ratings (``load_ratings``, for the reports)
+opens the file read-only and never runs DDL.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import re
 import secrets
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-SCHEMA = """
+from .scale import MAX_SCORE, MIN_SCORE
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS raters (
-    id          TEXT PRIMARY KEY,
-    name        TEXT UNIQUE,             -- NULL for anonymous (cookie-only) raters
-    created_at  TEXT NOT NULL
+    id          TEXT PRIMARY KEY,        -- public id: in ratings, the results and the API
+    name        TEXT UNIQUE,             -- display label; NULL for anonymous raters
+    created_at  TEXT NOT NULL,
+    token_hash  TEXT                     -- sha256 of the secret token; NULL: cannot sign in
 );
 CREATE TABLE IF NOT EXISTS ratings (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     study_id    TEXT NOT NULL,
     rater       TEXT NOT NULL REFERENCES raters(id),
     stimulus    TEXT NOT NULL,
-    score       INTEGER NOT NULL CHECK (typeof(score) = 'integer' AND score BETWEEN 1 AND 5),
+    score       INTEGER NOT NULL
+                CHECK (typeof(score) = 'integer' AND score BETWEEN {MIN_SCORE} AND {MAX_SCORE}),
     created_at  TEXT NOT NULL,
     UNIQUE (rater, stimulus)
 );
 CREATE INDEX IF NOT EXISTS ratings_study ON ratings(study_id);
+CREATE TABLE IF NOT EXISTS settings (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL
+);
 """
+# After the migration below: a database from before tokens has no token_hash column yet.
+TOKEN_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS raters_token ON raters(token_hash)"
+
+TOKEN_BYTES = 15  # 120 bits, 24 base32 characters: unguessable, and still typable as a resume code
+TOKEN = re.compile(r"[A-Z2-7]{24}")  # used with fullmatch
+LOOKALIKES = str.maketrans("018", "OIB")
+SECRET_KEY = "csrf_secret"
+BUSY_TIMEOUT_S = 10.0
+
+
+class RatingsError(Exception):
+    """The ratings database is missing, not sqlite, or not a ratings database."""
 
 
 class DuplicateRating(Exception):
     """This rater already rated this stimulus."""
+
+
+class NameTaken(Exception):
+    """Another rater already uses this name (case-insensitively)."""
 
 
 def _now() -> str:
@@ -42,42 +76,91 @@ def _now() -> str:
 
 def connect(path: Path) -> sqlite3.Connection:
     """A new autocommit connection with WAL, full fsync and a busy timeout for concurrent raters."""
-    conn = sqlite3.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=True)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=True)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
     return conn
 
 
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT: what is read inside stays true until the write commits."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def init(path: Path) -> None:
-    """Create the database file and schema if needed."""
+    """Create the database file and schema if needed; migrate a database from before tokens."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = connect(path)
+    try:
+        conn = connect(path)
+    except sqlite3.DatabaseError as exc:
+        raise RatingsError(f"{path}: not a sqlite database ({exc})") from None
     try:
         conn.executescript(SCHEMA)
+        with write_transaction(conn):
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(raters)")}
+            if "token_hash" not in columns:
+                # Raters of the old name-only scheme keep their ratings but cannot sign in again:
+                # their name was the only thing needed to act as them.
+                conn.execute("ALTER TABLE raters ADD COLUMN token_hash TEXT")
+            conn.execute(TOKEN_INDEX)
+    except sqlite3.DatabaseError as exc:
+        raise RatingsError(f"{path}: not a usable ratings database ({exc})") from None
     finally:
         conn.close()
 
 
-def rater_for_name(conn: sqlite3.Connection, name: str | None) -> str:
-    """The rater id for ``name`` (created on first use), or a new anonymous rater if None."""
-    if name is None:
-        rid = secrets.token_hex(16)
-        conn.execute("INSERT INTO raters(id, name, created_at) VALUES (?, NULL, ?)", (rid, _now()))
-        return rid
-    # INSERT OR IGNORE then SELECT: two first visits with the same name at once get one rater.
-    conn.execute("INSERT OR IGNORE INTO raters(id, name, created_at) VALUES (?, ?, ?)",
-                 (secrets.token_hex(16), name, _now()))
-    return conn.execute("SELECT id FROM raters WHERE name = ?", (name,)).fetchone()[0]
+def app_secret(conn: sqlite3.Connection) -> bytes:
+    """The server's HMAC key for CSRF tokens, created once and kept, so a restart keeps forms valid."""
+    conn.execute("INSERT OR IGNORE INTO settings(key, value) VALUES (?, ?)",
+                 (SECRET_KEY, secrets.token_hex(32)))
+    row = conn.execute("SELECT value FROM settings WHERE key = ?", (SECRET_KEY,)).fetchone()
+    return bytes.fromhex(row[0])
 
 
-def rater_exists(conn: sqlite3.Connection, rater: str) -> bool:
-    return conn.execute("SELECT 1 FROM raters WHERE id = ?", (rater,)).fetchone() is not None
+def normalize_token(text: str) -> str | None:
+    """A token as typed (any case, with dashes or spaces) -> canonical form, or None if malformed."""
+    # Base32 has no 0, 1 or 8: read as the letters they are mistaken for when copied by eye.
+    token = re.sub(r"[\s-]", "", text).upper().translate(LOOKALIKES)
+    return token if TOKEN.fullmatch(token) else None
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_rater(conn: sqlite3.Connection, name: str | None) -> tuple[str, str]:
+    """A new rater -> (public id, secret token); NameTaken if ``name`` is in use (ASCII case aside)."""
+    rid = secrets.token_hex(16)
+    token = base64.b32encode(secrets.token_bytes(TOKEN_BYTES)).decode()
+    with write_transaction(conn):
+        # Checked inside the write transaction: two first visits with one name cannot both pass.
+        if name is not None and conn.execute(
+            "SELECT 1 FROM raters WHERE name = ? COLLATE NOCASE", (name,)
+        ).fetchone():
+            raise NameTaken(name)
+        conn.execute("INSERT INTO raters(id, name, created_at, token_hash) VALUES (?, ?, ?, ?)",
+                     (rid, name, _now(), _token_hash(token)))
+    return rid, token
+
+
+def rater_for_token(conn: sqlite3.Connection, token: str) -> str | None:
+    """The rater id a secret token belongs to, or None."""
+    row = conn.execute("SELECT id FROM raters WHERE token_hash = ?", (_token_hash(token),)).fetchone()
+    return row[0] if row else None
 
 
 def rater_name(conn: sqlite3.Connection, rater: str) -> str | None:
+    """The rater's display name (None for anonymous raters)."""
     row = conn.execute("SELECT name FROM raters WHERE id = ?", (rater,)).fetchone()
     return row[0] if row else None
 
@@ -89,7 +172,7 @@ def rated(conn: sqlite3.Connection, study_id: str, rater: str) -> set[str]:
 
 
 def add_rating(conn: sqlite3.Connection, study_id: str, rater: str, stimulus: str, score: int) -> None:
-    """Insert one rating (committed on return); DuplicateRating if it exists already."""
+    """Insert one rating (committed on return outside a transaction); DuplicateRating if it exists."""
     try:
         conn.execute(
             "INSERT INTO ratings(study_id, rater, stimulus, score, created_at) VALUES (?, ?, ?, ?, ?)",
@@ -108,12 +191,27 @@ def ratings(conn: sqlite3.Connection, study_id: str) -> list[tuple[str, str, int
 
 
 def load_ratings(path: Path, study_id: str) -> list[tuple[str, str, int]]:
-    """Ratings of a study from the database file at ``path`` ([] if there is none yet)."""
-    if not Path(path).exists():
-        return []
-    conn = connect(path)
+    """Ratings of a study from the database file at ``path``, opened read-only.
+
+    An empty database (a start aborted before the schema) has no ratings; a missing file, a file
+    that is not sqlite, or a sqlite database without a ratings table is a RatingsError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RatingsError(f"{path}: no ratings database (nobody has rated this study yet, or a wrong --db)")
     try:
-        conn.executescript(SCHEMA)  # an empty file from an aborted start still reads as "no ratings"
+        # mode=ro: sqlite refuses every write, and a missing file is not created.
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    except sqlite3.Error as exc:
+        raise RatingsError(f"{path}: cannot open the ratings database ({exc})") from None
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return []
+        if "ratings" not in tables:
+            raise RatingsError(f"{path}: a sqlite database, but not a ratings database (no ratings table)")
         return ratings(conn, study_id)
+    except sqlite3.DatabaseError as exc:
+        raise RatingsError(f"{path}: not a sqlite ratings database ({exc})") from None
     finally:
         conn.close()

@@ -12,9 +12,8 @@ from typing import Any
 from srgan.fsutil import write_json_atomic, write_text_atomic
 
 from . import stats
+from .scale import LABELS, legend
 from .study import Study
-
-LABELS = {1: "Bad", 2: "Poor", 3: "Fair", 4: "Good", 5: "Excellent"}
 
 
 def compute(study: Study, ratings: Iterable[tuple[str, str, int]]) -> dict[str, Any]:
@@ -88,17 +87,17 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['n_ratings']} ratings from {res['n_raters']} raters on {res['n_stimuli']} stimuli "
         f"({len(res['images'])} images, x{res['scale']}, "
         f"{'whole images' if not res['crop'] else str(res['crop']) + ' px crops'}). "
-        "Scores: 1 Bad, 2 Poor, 3 Fair, 4 Good, 5 Excellent.",
+        f"Scores: {legend()}.",
         "",
         f"95% CI: {res['ci_method']}.",
         "",
-        "| Method | Kind | Ratings | MOS | 95% CI | SD | 1 | 2 | 3 | 4 | 5 |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| Method | Kind | Ratings | MOS | 95% CI | SD | " + " | ".join(map(str, LABELS)) + " |",
+        "|---|---|---:|---:|---|---:|" + "---:|" * len(LABELS),
     ]
     for name, m in res["methods"].items():
         ci = f"[{_f(m['ci95'][0])}, {_f(m['ci95'][1])}]" if m["ci95"] else "–"
         kind = m["kind"] + (f" (run {m['run_id'][:8]})" if m.get("run_id") else "")
-        counts = " | ".join(str(m["counts"][str(s)]) for s in range(1, 6))
+        counts = " | ".join(str(m["counts"][str(s)]) for s in LABELS)
         lines.append(f"| {name} | {kind} | {m['n']} | {_f(m['mos'])} | {ci} | {_f(m['sd'])} | {counts} |")
     lines += [
         "",
@@ -133,24 +132,24 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax1.errorbar(m["mos"], yi, xerr=err, fmt="o", color="tab:blue", capsize=4)
         ax1.annotate(f"{m['mos']:.2f}", (m["mos"], yi), textcoords="offset points", xytext=(0, 7),
                      ha="center", fontsize=8)
-    ax1.set_xlim(1, 5)
-    ax1.set_xticks(range(1, 6), [f"{k}\n{v}" for k, v in LABELS.items()], fontsize=8)
+    ax1.set_xlim(min(LABELS), max(LABELS))
+    ax1.set_xticks(list(LABELS), [f"{k}\n{v}" for k, v in LABELS.items()], fontsize=8)
     ax1.set_yticks(y, names)
     ax1.set_title("MOS (95% CI)")
     ax1.grid(axis="x", alpha=0.3)
 
-    colors = plt.get_cmap("RdYlGn")([0.05, 0.3, 0.5, 0.7, 0.95])
+    colors = dict(zip(LABELS, plt.get_cmap("RdYlGn")([0.05, 0.3, 0.5, 0.7, 0.95])))
     for yi, m in zip(y, ms):
         left = 0.0
-        for s in range(1, 6):
+        for s in LABELS:
             frac = m["counts"][str(s)] / m["n"] if m["n"] else 0.0
-            ax2.barh(yi, frac, left=left, color=colors[s - 1], edgecolor="white",
+            ax2.barh(yi, frac, left=left, color=colors[s], edgecolor="white",
                      label=f"{s} {LABELS[s]}" if yi == y[0] else None)
             left += frac
     ax2.set_xlim(0, 1)
     ax2.set_title("Distribution of scores")
     ax2.set_xlabel("fraction of ratings")
-    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=5, fontsize=8, frameon=False)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(LABELS), fontsize=8, frameon=False)
     fig.suptitle(f"Mean opinion score: {res['n_ratings']} ratings, {res['n_raters']} raters", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
+from .scale import LABELS
+
 ALPHA = 0.05
 CI_METHOD = "Student-t 95% CI of the mean over all ratings: mean +- t(0.975, n-1) * sd / sqrt(n), sd with ddof=1"
 TEST_METHOD = ("two-sided Wilcoxon signed-rank test on score differences paired by (rater, image), "
@@ -98,5 +100,5 @@ def paired_wilcoxon(a: Mapping[tuple, int], b: Mapping[tuple, int], name_a: str 
 
 
 def score_counts(scores: Sequence[int]) -> dict[int, int]:
-    """How many ratings gave each score 1..5."""
-    return {s: int(sum(1 for x in scores if x == s)) for s in range(1, 6)}
+    """How many ratings gave each score of the scale (1..5)."""
+    return {s: int(sum(1 for x in scores if x == s)) for s in LABELS}

@@ -3,8 +3,17 @@
 A study is a folder::
 
     study.json          stimulus id -> image, method, run id, crop box (never served to raters)
-    stimuli/<id>.png    one PNG per (image, method); <id> is random hex, so a file name, its
-                        order on disk or a URL says nothing about the method behind it
+    stimuli/<id>.png    one PNG per (image, method); <id> is random hex, so a file name or a URL
+                        says nothing about the method behind it
+
+Blinding beyond the name: the stimuli of an image are written in a random method order and all
+get one common mtime, so neither disk order nor timestamps follow the method; and every stimulus
+is an *uncompressed* PNG (``blind_png``), so its byte size is a function of its width and height
+only. A compressed PNG would name the method by its size (nearest neighbour compresses best, the
+HR original worst). The app serves the file bytes verbatim, so every stimulus of an image has the
+same Content-Length and the same chunk layout: what differs between methods is only the pixels,
+i.e. what is being rated. ``blinding_problems`` checks that before anything is served. The price
+is about 3 bytes per pixel (a 192 px crop is 111 KB; a whole 2K image some 8 MB).
 
 Every method of an image is shown on the same crop box, so raters compare like with like. The
 study is written to a temporary sibling folder and renamed into place: a half-built study never
@@ -14,11 +23,15 @@ looks whole.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import secrets
 import shutil
+import struct
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from srgan.images import ImageError, load_rgb, save_png
+from srgan.images import ImageError, load_rgb
 from srgan.images import upscale_bicubic as _project_bicubic
 
 # (lr uint8 HxWx3, scale) -> sr uint8 (H*scale)x(W*scale)x3
@@ -41,6 +54,10 @@ CONTEXT_LR = 48
 STIMULUS_ID = re.compile(r"^[0-9a-f]{16}$")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RUN_SPEC = re.compile(r"^runs:/([A-Za-z0-9_-]+)/?$")
+MODEL_SUFFIX = ".keras"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_RGB8 = (8, 2, 0, 0, 0)  # IHDR: 8 bits, colour type 2 (RGB), deflate, standard filters, no interlace
+PNG_FILTER_NONE = 0
 
 
 class StudyError(ValueError):
@@ -72,6 +89,17 @@ class Study:
     @property
     def stimuli_dir(self) -> Path:
         return self.root / "stimuli"
+
+    def servable_file(self, stim_id: str) -> Path | None:
+        """The PNG of a stimulus id, or None: only plain files inside stimuli/ are ever served."""
+        stim = self.stimuli.get(stim_id)
+        if stim is None:
+            return None
+        path = (self.stimuli_dir / stim.file).resolve()
+        # Defence in depth: even a tampered study.json cannot point outside stimuli/.
+        if not path.is_relative_to(self.stimuli_dir.resolve()) or path.suffix != ".png" or not path.is_file():
+            return None
+        return path
 
     def method_order(self) -> list[str]:
         """Nearest, bicubic, the models (as given), HR: worst anchor to best anchor."""
@@ -137,19 +165,38 @@ def keras_upscaler(path: Path, tile: int = 0, overlap: int = 16) -> Upscaler:
 
 
 def model_method(spec: str, tile: int = 0, overlap: int = 16) -> ModelMethod:
-    """Resolve a ``--model`` spec, downloading the generator of an MLflow run if needed."""
+    """Resolve a ``--model`` spec, downloading the generator of an MLflow run if needed.
+
+    Anything that is not a loadable generator is a StudyError naming the spec, not a traceback.
+    """
     name, path, run_id = parse_model_spec(spec)
     if run_id is not None:
         from srgan import tracking  # lazy: MLflow only for run ids
 
-        local = Path(tracking.download_model(run_id))
+        try:
+            local = Path(tracking.download_model(run_id))
+        except ImportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for "no such run/artifact"
+            why = f"cannot download the generator of run {run_id}: {exc}"
+            raise StudyError(f"--model {spec!r}: {why}") from None
         source = f"runs:/{run_id}"
     else:
         local = Path(path)  # type: ignore[arg-type]
         source = str(local)
         if not local.is_file():
             raise StudyError(f"--model {spec!r}: {local} is not a file")
-    return ModelMethod(name, keras_upscaler(local, tile, overlap), source=source, run_id=run_id)
+    # Checked before TensorFlow is imported: a .keras file is a zip archive.
+    if local.suffix != MODEL_SUFFIX or not zipfile.is_zipfile(local):
+        raise StudyError(f"--model {spec!r}: {local} is not a Keras model file (a {MODEL_SUFFIX} archive)")
+    try:
+        upscale = keras_upscaler(local, tile, overlap)
+    except ImportError:
+        raise  # a missing TensorFlow is not a bad model file
+    except Exception as exc:  # noqa: BLE001 - keras raises ValueError, KeyError, OSError... for bad archives
+        raise StudyError(f"--model {spec!r}: {local} is not a loadable generator: "
+                         f"{type(exc).__name__}: {exc}") from None
+    return ModelMethod(name, upscale, source=source, run_id=run_id)
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -185,6 +232,45 @@ def _upscale_box(up: Upscaler, lr: np.ndarray, box: tuple[int, int, int, int], s
         raise StudyError(f"method {name!r} returned {sr.dtype} {sr.shape}, expected uint8 {want}")
     oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
     return sr[oy : oy + (y1 - y0) * scale, ox : ox + (x1 - x0) * scale]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def blind_png(img: np.ndarray) -> bytes:
+    """``uint8`` HxWx3 -> an uncompressed PNG whose size and chunk layout depend on its shape alone.
+
+    Filter type None on every row and deflate level 0 (stored blocks, which never look at the
+    data), one IDAT, no ancillary chunks: the length is a function of (width, height) alone, so
+    stimuli of one image have identical sizes and chunk layouts whatever method made them.
+    """
+    img = np.asarray(img)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or 0 in img.shape:
+        raise StudyError(f"stimulus must be uint8 HxWx3, got {img.dtype} {img.shape}")
+    h, w = img.shape[:2]
+    rows = np.empty((h, 1 + 3 * w), dtype=np.uint8)
+    rows[:, 0] = PNG_FILTER_NONE
+    rows[:, 1:] = img.reshape(h, 3 * w)
+    return (PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">II5B", w, h, *PNG_RGB8))
+            + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 0)) + _png_chunk(b"IEND", b""))
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def blinding_problems(study: Study) -> list[str]:
+    """Images whose servable stimuli differ in byte size (so size would name the method); [] if none."""
+    sizes: dict[str, set[int]] = {}
+    for sid, stim in study.stimuli.items():
+        path = study.servable_file(sid)
+        if path is not None:
+            sizes.setdefault(stim.image, set()).add(path.stat().st_size)
+    return sorted(img for img, s in sizes.items() if len(s) > 1)
 
 
 def _pairs(valid_dir: Path) -> list[str]:
@@ -244,6 +330,8 @@ def prepare_study(
     upscalers: dict[str, Upscaler] = {"nearest": upscale_nearest, "bicubic": upscale_bicubic}
     upscalers.update({m.name: m.upscale for m in models})
 
+    created = datetime.now(timezone.utc).replace(microsecond=0)
+    shuffler = random.SystemRandom()  # not the seed: the write order must not be reproducible
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -261,7 +349,10 @@ def prepare_study(
             elif s != scale:
                 raise StudyError(f"{stem}: scale {s} differs from the other images' scale {scale}")
             box = crop_box(hr.shape[0], hr.shape[1], crop, scale)
-            for name, info in methods.items():
+            # A random method order per image: the order files are written in (inode numbers,
+            # directory order) must not follow the method.
+            for name in shuffler.sample(list(methods), len(methods)):
+                info = methods[name]
                 if name == "hr":
                     img = hr[box[1] : box[3], box[0] : box[2]]
                 else:
@@ -269,17 +360,20 @@ def prepare_study(
                 sid = secrets.token_hex(8)
                 while sid in stimuli:  # pragma: no cover - 64-bit collision
                     sid = secrets.token_hex(8)
-                # save_png writes no text chunks: nothing inside the file names its method.
-                save_png(tmp / "stimuli" / f"{sid}.png", img)
+                _write_durable(tmp / "stimuli" / f"{sid}.png", blind_png(img))
                 stimuli[sid] = {
                     "image": stem, "method": name, "run_id": info["run_id"], "file": f"{sid}.png",
                     "box": list(box), "width": int(img.shape[1]), "height": int(img.shape[0]),
                 }
             log(f"  {stem}: {len(methods)} stimuli, box {box}")
+        # One mtime for every stimulus: write times would order them by method within an image.
+        stamp = created.timestamp()
+        for entry in stimuli.values():
+            os.utime(tmp / "stimuli" / entry["file"], (stamp, stamp))
         meta = {
             "format": FORMAT,
             "study_id": secrets.token_hex(8),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": created.isoformat(timespec="seconds"),
             "source": str(valid_dir),
             "scale": scale,
             "crop": crop,
