@@ -1,45 +1,39 @@
-"""Evaluate stage: PSNR/SSIM (Y, BT.601) of the generator vs bicubic on every validation image.
+"""Evaluate stage: bicubic, the SRResNet and the SRGAN on every evaluation set (PSNR-Y, SSIM-Y, ...).
 
-    python src/evaluate.py [--params params.yaml]
+    python src/evaluate.py [--params params.yaml] [--processed data/processed] [--srresnet models/srresnet.keras]
+                           [--model models/generator.keras] [--reports reports]
 
-Writes reports/metrics.json, reports/per_image.csv, reports/eval/*.png and reports/index.html,
-and logs the same numbers to the model's MLflow run.
+Writes reports/metrics.json, reports/per_image.csv, reports/eval/ and reports/index.html, and logs
+each generator's numbers (``eval/<set>/<metric>``) to its MLflow run.
 """
 
 import logging
-from pathlib import Path
 
-from srgan import cli, config
-from srgan.config import ROOT
-from srgan.fsutil import read_json
+from srgan import cli
+from srgan.config import Config
 
 
-def main() -> None:
-    ap = cli.parser(__doc__)
-    ap.add_argument("--model", default=str(ROOT / "models/generator.keras"))
-    ap.add_argument("--processed", default=str(ROOT / "data/processed"))
-    ap.add_argument("--reports", default=str(ROOT / "reports"))
-    args = ap.parse_args()
-    cli.setup_logging()
-    cfg = config.load(args.params)
+def main(cfg: Config, args) -> None:
+    from srgan import dataio, evaluate, report, tracking
+    from srgan.dataio import SUMMARY_NAME
 
-    from srgan import evaluate, report, tracking
-
-    reports = Path(args.reports)
-    result = evaluate.evaluate(cfg, Path(args.model), Path(args.processed), reports)
-    summary = result["summary"]
-    run_id = read_json(reports / "train" / "train_summary.json", {}).get("run_id")
-    if run_id:
-        tracking.log_to_run(run_id, {f"eval_{k}": v for k, v in summary.items()},
-                            [reports / "metrics.json", reports / "per_image.csv"], "eval")
+    reports = args.reports
+    generators = {"srresnet": args.srresnet, "srgan": args.model}
+    sets = {"valid": args.processed / "valid"}
+    summary = evaluate.evaluate(cfg.evaluate, cfg.preprocess.scale, generators, sets, reports)
     page = report.build(reports, cfg.flat())
-    if run_id:
-        tracking.log_to_run(run_id, {}, [page], "report")
+    for method, stage in (("srresnet", "pretrain"), ("srgan", "train")):
+        run_id = dataio.read_json(reports / stage / SUMMARY_NAME, {}).get("run_id")
+        if run_id:
+            tracking.log_to_run(run_id, evaluate.run_metrics(summary, method),
+                                [reports / "metrics.json", reports / "per_image.csv", page], "eval")
+    v = summary["valid"]
     logging.getLogger("evaluate").info(
-        "PSNR-Y %.2f dB (bicubic %.2f, gain %+.2f), SSIM-Y %.4f (bicubic %.4f); report: %s",
-        summary["psnr_y"], summary["bicubic_psnr_y"], summary["psnr_y_gain"], summary["ssim_y"],
-        summary["bicubic_ssim_y"], page)
+        "valid PSNR-Y: bicubic %.2f, SRResNet %.2f (%+.2f), SRGAN %.2f (%+.2f) dB; report: %s",
+        v["bicubic"]["psnr_y"], v["srresnet"]["psnr_y"], v["srresnet"]["psnr_y_gain"],
+        v["srgan"]["psnr_y"], v["srgan"]["psnr_y_gain"], page)
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    cli.stage(main, __doc__, {"processed": "data/processed", "srresnet": "models/srresnet.keras",
+                              "model": "models/generator.keras", "reports": "reports"})

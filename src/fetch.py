@@ -1,37 +1,21 @@
-"""Fetch stage: params ``data.source`` -> data/raw/{train,valid}/ and data/raw/fetch.json."""
+"""Fetch stage: params ``data.*`` -> data/raw/{train,valid}/ and data/raw/fetch.json.
 
-from __future__ import annotations
+    python src/fetch.py [--params params.yaml] [--raw data/raw]
 
-import argparse
-import logging
-import sys
-from pathlib import Path
+Archives are cached, verified, in the repository's data/downloads/ (resumable; shared by every DVC
+workspace of the repository, so queued experiments do not download again).
+"""
 
-from srgan import config
+from srgan import cli
+from srgan.config import Config, shared_root
 from srgan.download import FetchError
-from srgan.sources import fetch
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the fetch stage; expected failures print one line and return non-zero."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", type=Path, default=config.PARAMS_PATH, help="default: params.yaml")
-    ap.add_argument("--raw-dir", type=Path, default=config.ROOT / "data" / "raw")
-    ap.add_argument("--download-dir", type=Path, default=config.ROOT / "data" / "downloads")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="fetch: %(message)s")
-    try:
-        cfg = config.load(args.params)
-        args.download_dir.mkdir(parents=True, exist_ok=True)  # a declared out, even when unused
-        fetch(cfg, args.raw_dir, args.download_dir)
-    except (config.ConfigError, FetchError, OSError) as exc:
-        print(f"fetch: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fetch: interrupted; partial downloads are kept and resumed by the next run", file=sys.stderr)
-        return 130
-    return 0
+def main(cfg: Config, args) -> None:
+    from srgan.sources import fetch
+
+    fetch(cfg, args.raw, shared_root() / "data" / "downloads")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.stage(main, __doc__, {"raw": "data/raw"}, expected=(FetchError, OSError))

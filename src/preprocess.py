@@ -1,28 +1,23 @@
 """Preprocess stage: data/raw -> data/processed (TFRecord crops, validation PNGs, manifest).
 
+    python src/preprocess.py [--params params.yaml] [--raw data/raw] [--processed data/processed]
+
 Resumable: re-running keeps finished shards. All logic lives in ``srgan.preprocess``.
 """
 
-from __future__ import annotations
-
-import logging
-import sys
 import time
 
-from srgan import config
+from srgan import cli
+from srgan.config import Config
 from srgan.images import ImageError
-from srgan.preprocess import PreprocessError, preprocess
+from srgan.preprocess import PreprocessError
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def main(cfg: Config, args) -> None:
+    from srgan.preprocess import preprocess
+
     start = time.perf_counter()
-    try:
-        cfg = config.load()
-        m = preprocess(cfg, config.ROOT / "data" / "raw", config.ROOT / "data" / "processed")
-    except (config.ConfigError, PreprocessError, ImageError) as exc:
-        print(f"preprocess: error: {exc}", file=sys.stderr)
-        return 1
+    m = preprocess(cfg, args.raw, args.processed)
     c = m["counts"]
     print(
         f"preprocess: {c['train_crops']} crops from {c['train_images']}/{c['train_files']} training images "
@@ -31,8 +26,8 @@ def main() -> int:
     )
     for s in m["skipped"]:
         print(f"  skipped {s['file']}: {s['reason']}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.stage(main, __doc__, {"raw": "data/raw", "processed": "data/processed"},
+              expected=(PreprocessError, ImageError))

@@ -1,39 +1,38 @@
-"""Train stage: SRGAN (MSE pre-training, then Per-Pix adversarial training), one MLflow run.
+"""Train stage: the adversarial Per-Pix phase (``gan.*``, ``loss.*``, ``adv.*``, ``vgg.*``), initialised
+from the pretrain stage's SRResNet as in the paper; one MLflow run.
 
-    python src/train.py [--params params.yaml]
+    python src/train.py [--params params.yaml] [--processed data/processed] [--srresnet models/srresnet.keras]
+                        [--pretrain-reports reports/pretrain] [--model models/generator.keras]
+                        [--checkpoints models/checkpoints] [--reports reports/train]
 
-Reads data/processed; writes models/generator.keras, models/checkpoints/ (resumable),
-reports/train/{history.csv,train_summary.json}. Run it again after an interruption to resume.
+Writes the SRGAN generator and reports/train/{history.csv,summary.json}; resumable like pretrain.
 """
 
-from pathlib import Path
+from srgan import cli
+from srgan.config import Config
+from srgan.trainer import NonFiniteLossError, TrainStateError
 
-from srgan import cli, config
-from srgan.config import ROOT
 
-
-def main() -> None:
-    ap = cli.parser(__doc__)
-    ap.add_argument("--processed", default=str(ROOT / "data/processed"))
-    ap.add_argument("--models", default=str(ROOT / "models"))
-    ap.add_argument("--reports", default=str(ROOT / "reports/train"))
-    args = ap.parse_args()
-    cli.setup_logging()
-    cfg = config.load(args.params)
-    cli.use_onednn(cfg.train.onednn)  # before TensorFlow is imported
-
+def main(cfg: Config, args) -> None:
+    from srgan import dataio
+    from srgan.dataio import SUMMARY_NAME
     from srgan.experiment import run_training
-    from srgan.trainer import NonFiniteLossError, TrainData
+    from srgan.trainer import TrainData
 
-    data = TrainData.load(Path(args.processed), cfg.train.val_images)
-    models = Path(args.models)
-    try:
-        run_id, result = run_training(cfg, data, models / "generator.keras", models / "checkpoints",
-                                      Path(args.reports))
-    except NonFiniteLossError as exc:
-        raise cli.UserError(str(exc)) from None
+    pre = dataio.read_json(args.pretrain_reports / SUMMARY_NAME, None)
+    if not args.srresnet.is_file() or not pre:
+        raise cli.UserError(f"{args.srresnet} or {args.pretrain_reports / SUMMARY_NAME} is missing: "
+                            "run the pretrain stage first (dvc repro pretrain)")
+    data = TrainData.load(args.processed, cfg.train.val_images)
+    run_id, result = run_training(
+        cfg, "gan", data, args.model, args.checkpoints, args.reports, run_name=f"srgan-{cfg.adv.loss}",
+        extra_tags={"srresnet.run_id": pre.get("run_id")}, init_generator=args.srresnet,
+        data_offset=int(pre.get("total_steps", 0)))
     print(f"MLflow run {run_id}: " + " ".join(f"{k}={v:.4f}" for k, v in result.val.items()))
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    cli.stage(main, __doc__, {"processed": "data/processed", "srresnet": "models/srresnet.keras",
+                              "pretrain_reports": "reports/pretrain", "model": "models/generator.keras",
+                              "checkpoints": "models/checkpoints", "reports": "reports/train"},
+              onednn=True, expected=(NonFiniteLossError, TrainStateError))

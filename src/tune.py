@@ -30,6 +30,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--storage", help="journal file path or RDB URL (default: optuna/journal.log)")
     ap.add_argument("--workers", type=int, default=1, help="processes on this machine")
     ap.add_argument("--processed", default=str(ROOT / "data/processed"))
+    ap.add_argument("--srresnet", default=str(ROOT / "models/srresnet.keras"),
+                    help="the pretrain stage's SRResNet every trial starts from")
+    ap.add_argument("--pretrain-reports", default=str(ROOT / "reports/pretrain"))
     ap.add_argument("--out", default=str(ROOT / "reports/tune"))
     ap.add_argument("--apply", action="store_true", help="apply best_params.yaml to params.yaml and exit")
     ap.add_argument("--parent-run-id", help=argparse.SUPPRESS)  # set for worker processes
@@ -49,7 +52,6 @@ def main() -> None:
         best = yaml.safe_load((Path(args.out) / "best_params.yaml").read_text())["params"]
         for line in tune.apply_to_params(best, Path(args.params)):
             print(line)
-        config.load(args.params)  # the edited file must still validate
         return
     if args.workers < 1:
         raise cli.UserError(f"--workers: {args.workers} must be >= 1")
@@ -58,15 +60,23 @@ def main() -> None:
     n_trials = cfg.tune.n_trials if args.n_trials is None else args.n_trials
     if n_trials < 1:
         raise cli.UserError(f"--n-trials: {n_trials} must be >= 1")
+    from srgan import dataio
+    from srgan.dataio import SUMMARY_NAME
+
+    pre = dataio.read_json(Path(args.pretrain_reports) / SUMMARY_NAME, None)
+    if not Path(args.srresnet).is_file() or not pre:
+        raise cli.UserError(f"{args.srresnet} (and {args.pretrain_reports}/{SUMMARY_NAME}) missing: every trial "
+                            "starts from the pretrain stage's SRResNet; run `dvc repro pretrain` first")
     from srgan import tracking
 
     tracking.ensure_store()  # create the MLflow schema once, before any parallel writer
     parent = None
     if args.parent_run_id is None:
         parent = tracking.start_run(cfg.tracking.experiment, run_name=f"tune-{args.study_name}",
-                                    tags={"optuna.study": args.study_name, "kind": "tune"})
+                                    tags={"optuna.study": args.study_name, "kind": "tune",
+                                          "optuna.worker": tune.worker_id(), "srresnet.run_id": pre.get("run_id")})
         parent.log_params({"study_name": args.study_name, "n_trials": n_trials, "workers": args.workers,
-                           **{f"tune.{k}": v for k, v in cfg.flat().items() if k.startswith("tune.")}})
+                           **cfg.flat(("tune",))})
     parent_id = args.parent_run_id or parent.run_id
     ctx = tracking.run_context(parent) if parent else contextlib.nullcontext()
     with ctx:
@@ -78,7 +88,8 @@ def main() -> None:
             from srgan.trainer import TrainData
 
             data = TrainData.load(Path(args.processed), cfg.train.val_images)  # once per process
-            tune.run_study(cfg, data, args.study_name, args.storage, n_trials, args.timeout, parent_id)
+            tune.run_study(cfg, data, args.study_name, args.storage, n_trials, args.timeout, parent_id,
+                           Path(args.srresnet), int(pre.get("total_steps", 0)))
         if parent:
             study = tune.open_study(cfg, args.study_name, args.storage)
             paths = tune.write_outputs(study, cfg, Path(args.out))
@@ -96,6 +107,7 @@ def _spawn_workers(args: argparse.Namespace, n_trials: int, parent_id: str) -> N
             continue
         cmd = [sys.executable, __file__, "--params", args.params, "--n-trials", str(share),
                "--study-name", args.study_name, "--processed", args.processed, "--out", args.out,
+               "--srresnet", args.srresnet, "--pretrain-reports", args.pretrain_reports,
                "--parent-run-id", parent_id]
         if args.storage:
             cmd += ["--storage", args.storage]

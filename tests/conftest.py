@@ -22,10 +22,12 @@ TINY = {
               "discriminator": {"filters": 4, "dense": 8, "batch_norm": True}},
     "loss": {"w_mse": 1.0, "w_vgg": 0.01, "w_adv": 0.001},
     "vgg": {"layer": "block1_conv2", "weights": "random"},
-    "train": {"batch_size": 4, "hr_patch": 16, "pretrain_steps": 6, "gan_steps": 4, "log_every": 2,
-              "val_every": 5, "checkpoint_every": 2, "val_images": 2, "distribute": "none"},
+    "train": {"batch_size": 4, "hr_patch": 16, "log_every": 2, "val_every": 5, "checkpoint_every": 2,
+              "val_images": 2, "distribute": "none"},
+    "pretrain": {"steps": 6},
+    "gan": {"steps": 4},
     "evaluate": {"tile": 16, "tile_overlap": 4, "zoom": 16},
-    "tune": {"pretrain_steps": 4, "gan_steps": 4, "report_every": 2},
+    "tune": {"gan_steps": 4, "report_every": 2},
 }
 
 
@@ -38,6 +40,14 @@ def tiny_config(**overrides) -> config.Config:
 @pytest.fixture
 def tiny_cfg() -> config.Config:
     return tiny_config()
+
+
+def write_params(path: Path, **overrides) -> Path:
+    """A complete params file: the project's params.yaml with TINY and dotted ``overrides`` laid over."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(tiny_config(**overrides).to_dict(), sort_keys=False))
+    return path
 
 
 def skimage_data_dir() -> Path:
@@ -69,6 +79,22 @@ def processed_dir(tmp_path_factory) -> Path:
     raw = make_raw(root / "raw")
     preprocess(tiny_config(), raw, root / "processed", workers=1)
     return root / "processed"
+
+
+@pytest.fixture(scope="session")
+def pretrained(processed_dir, tmp_path_factory) -> Path:
+    """What the pretrain stage leaves for the adversarial phase, on the tiny config:
+    ``models/srresnet.keras`` and ``reports/pretrain/summary.json`` under the returned folder."""
+    from srgan import dataio
+    from srgan.trainer import TrainData, train
+
+    root = tmp_path_factory.mktemp("pretrained")
+    cfg = tiny_config()
+    trainer, result = train(cfg, "pretrain", TrainData.load(processed_dir, 1))
+    trainer.export_generator(root / "models" / "srresnet.keras")
+    dataio.write_json_atomic(root / "reports" / "pretrain" / dataio.SUMMARY_NAME,
+                             {"run_id": "pretrain-fixture", "total_steps": result.total_steps, **result.val})
+    return root
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ def _run(loss: str, psnr: float, *, trial: bool = False) -> str:
     run = tracking.start_run("srgan", run_name=f"{loss}-run", tags=tags)
     run.log_params({"adv.loss": loss, "loss.w_mse": 1.0, "loss.w_vgg": 0.01, "loss.w_adv": 0.001,
                     "vgg.layer": "block2_conv2"})
-    run.log_metrics({"eval_psnr_y": psnr, "eval_ssim_y": 0.8, "eval_bicubic_psnr_y": 30.0,
-                     "eval_bicubic_ssim_y": 0.79})
+    run.log_metrics({"eval/valid/psnr_y": psnr, "eval/valid/ssim_y": 0.8, "eval/valid/bicubic_psnr_y": 30.0,
+                     "eval/valid/bicubic_ssim_y": 0.79})
     run.end()
     return run.run_id
 

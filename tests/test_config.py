@@ -7,15 +7,40 @@ from srgan import config
 from srgan.config import ConfigError
 
 
-def test_params_yaml_loads_with_defaults_matching_dataclasses():
+def test_params_yaml_is_the_only_place_with_defaults():
     cfg = config.load()
-    # the file holds every default: building from an empty dict gives the same values
+    # a partial config is an overlay on params.yaml: an empty one is params.yaml itself
     assert config.from_dict({}).to_dict() == cfg.to_dict()
+    # the models declare types and ranges, never values: every field is required
+    def required(model):
+        for name, f in model.model_fields.items():
+            assert f.is_required(), f"{model.__name__}.{name} has a default"
+            tp = f.annotation
+            if isinstance(tp, type) and issubclass(tp, config.Section):
+                required(tp)
+    required(config.Config)
+    # so a key missing from params.yaml is an error naming it
     raw = yaml.safe_load(config.PARAMS_PATH.read_text())
-    assert set(raw) == set(cfg.to_dict()), "params.yaml must list every section"
-    for section, values in raw.items():
-        if isinstance(values, dict):
-            assert set(values) == set(cfg.to_dict()[section]), f"{section}: params.yaml and config differ"
+    del raw["train"]["batch_size"]
+    with pytest.raises(ConfigError, match="train.batch_size: missing"):
+        config.validate(raw)
+
+
+def test_every_params_key_has_a_comment():
+    for line in config.PARAMS_PATH.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert "#" in line, f"params.yaml line without a one-line comment: {line!r}"
+
+
+def test_resume_safe_keys_come_from_the_schema():
+    assert config.resume_safe_keys() == {"train.log_every", "train.val_every", "train.checkpoint_every",
+                                         "train.val_images", "train.onednn"}
+
+
+def test_training_runs_log_training_sections_only():
+    keys = config.load().run_params()
+    assert "loss.w_adv" in keys and "pretrain.steps" in keys
+    assert not any(k.startswith(("tune.", "data.", "tracking.")) for k in keys)
 
 
 @pytest.mark.parametrize(
@@ -28,7 +53,7 @@ def test_params_yaml_loads_with_defaults_matching_dataclasses():
         ({"train.bogus": 1}, "train.bogus: unknown key; allowed keys under train:"),
         ({"bogus": 1}, "bogus: unknown key"),
         ({"preprocess.scale": 8}, "preprocess.scale: 8 is not allowed; allowed values: 2, 3, 4"),
-        ({"train.lr_gan": 0}, "train.lr_gan: 0.0 is out of range; allowed: > 0.0"),
+        ({"gan.lr": 0}, "gan.lr: 0.0 is out of range; allowed: > 0.0"),
         ({"adv.label_smoothing": 0.9}, "adv.label_smoothing: 0.9 is out of range; allowed: <= 0.5"),
         ({"model.generator.batch_norm": "yes"}, "model.generator.batch_norm: expected true or false"),
         ({"train.hr_patch": 98}, "train.hr_patch: 98 must be a multiple of preprocess.scale"),
@@ -72,4 +97,29 @@ def test_readme_paper_recipe_is_valid_params():
     assert len(sets) >= 20 and sets["model.generator.upsampler"] == "paper"
     cfg = config.load(overrides={k: yaml.safe_load(v) for k, v in sets.items()})  # DVC parses values as YAML
     assert cfg.model.generator.blocks == 16 and cfg.model.generator.batch_norm
-    assert cfg.vgg.weights == "imagenet" and cfg.train.pretrain_steps == 10**6
+    assert cfg.vgg.weights == "imagenet" and cfg.pretrain.steps == 10**6
+
+
+def test_edit_params_keeps_comments_and_refuses_bad_values(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(config.PARAMS_PATH.read_text())
+    changed = config.edit_params(p, {"loss.w_adv": 0.0005, "adv.loss": "hinge"})
+    assert changed == ["loss.w_adv: 0.001 -> 0.0005", "adv.loss: 'modified' -> 'hinge'"]
+    text = p.read_text()
+    assert "w_adv: 0.0005" in text and "# Per-Pix weight of the adversarial loss" in text
+    assert text.count("#") == config.PARAMS_PATH.read_text().count("#")  # every comment kept
+    cfg = config.load(p)
+    assert cfg.loss.w_adv == 0.0005 and cfg.adv.loss == "hinge"
+    before = p.read_text()
+    with pytest.raises(ConfigError, match="adv.loss: 'wgan' is not allowed"):
+        config.edit_params(p, {"adv.loss": "wgan"})
+    with pytest.raises(ConfigError, match="loss.bogus: not found"):
+        config.edit_params(p, {"loss.bogus": 1})
+    assert p.read_text() == before  # a refused edit writes nothing
+
+
+def test_shared_root_follows_dvc_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert config.shared_root() == tmp_path.resolve()
+    monkeypatch.delenv("DVC_ROOT")
+    assert config.shared_root() == config.ROOT

@@ -31,47 +31,67 @@ def _generator(path: Path, zero_residual: bool) -> Path:
     return path
 
 
+def _random_residual(path: Path) -> Path:
+    """A tiny generator whose zero-initialised last conv got random weights: not bicubic any more."""
+    from srgan import models
+
+    g = models.build_generator(tiny_config().model.generator, 4)
+    last = g.get_layer("output_conv")
+    rng = np.random.default_rng(0)
+    last.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in last.get_weights()])
+    g.save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def evaluated(processed_dir, tmp_path_factory):
     from srgan.evaluate import evaluate
 
     tmp = tmp_path_factory.mktemp("eval")
-    model = _generator(tmp / "g.keras", zero_residual=True)
+    gens = {"srresnet": _generator(tmp / "s.keras", zero_residual=True), "srgan": _random_residual(tmp / "g.keras")}
     reports = tmp / "reports"
-    result = evaluate(tiny_config(), model, processed_dir, reports)
-    return processed_dir, reports, result
+    cfg = tiny_config()
+    summary = evaluate(cfg.evaluate, 4, gens, {"valid": processed_dir / "valid"}, reports)
+    return processed_dir, reports, summary
 
 
 def test_metrics_files_and_bicubic_baseline(evaluated):
-    processed, reports, result = evaluated
-    summary = json.loads((reports / "metrics.json").read_text())
-    for k in ("psnr_y", "ssim_y", "psnr_rgb", "bicubic_psnr_y", "bicubic_ssim_y", "psnr_y_gain"):
-        assert np.isfinite(summary[k]), k
+    processed, reports, summary = evaluated
+    assert json.loads((reports / "metrics.json").read_text()) == json.loads(json.dumps(summary))
+    v = summary["valid"]
+    assert set(v) == {"n_images", "bicubic", "srresnet", "srgan"}
+    for method in ("bicubic", "srresnet", "srgan"):
+        for k in ("psnr_y", "ssim_y", "psnr_rgb"):
+            assert np.isfinite(v[method][k]), (method, k)
+    assert "psnr_y_gain" not in v["bicubic"] and "psnr_y_gain" in v["srgan"]
     hr_files = sorted((processed / "valid" / "hr").glob("*.png"))
     rows = list(csv.DictReader((reports / "per_image.csv").open()))
-    assert [r["name"] for r in rows] == [p.stem for p in hr_files] and summary["n_images"] == len(rows)
+    assert [r["name"] for r in rows] == [p.stem for p in hr_files] and v["n_images"] == len(rows)
+    assert {r["set"] for r in rows} == {"valid"}
     # the bicubic column is what the metrics module gives for PIL bicubic of the same LR
     lr = images.load_rgb(processed / "valid" / "lr" / hr_files[0].name)
     hr = images.load_rgb(hr_files[0])
     expect = metrics.evaluate_pair(images.upscale_bicubic(lr, 4), hr, 4)
     assert float(rows[0]["bicubic_psnr_y"]) == pytest.approx(expect["psnr_y"], abs=1e-5)
-    assert summary["bicubic_ssim_y"] == pytest.approx(np.mean([float(r["bicubic_ssim_y"]) for r in rows]))
+    assert v["bicubic"]["ssim_y"] == pytest.approx(np.mean([float(r["bicubic_ssim_y"]) for r in rows]), abs=1e-6)
     # a generator reduced to its bicubic skip scores (almost) exactly bicubic: both resamplers agree
-    assert abs(summary["psnr_y_gain"]) < 0.05, summary
+    assert abs(v["srresnet"]["psnr_y_gain"]) < 0.05, v
+    assert v["srgan"]["psnr_y_gain"] == pytest.approx(v["srgan"]["psnr_y"] - v["bicubic"]["psnr_y"])
+    assert abs(v["srgan"]["psnr_y_gain"]) > 0.05  # and the random residual is measurably not bicubic
     for name in (p.stem for p in hr_files):
-        comp = images.load_rgb(reports / "eval" / f"{name}_compare.png")
-        assert comp.shape[1] == 4 * hr.shape[1] + 12 and comp.shape[0] > hr.shape[0]
-        assert images.load_rgb(reports / "eval" / f"{name}_sr.png").shape == hr.shape
+        comp = images.load_rgb(reports / "eval" / "valid" / f"{name}_compare.png")
+        # LR | bicubic | SRResNet | SRGAN | HR, 4-px separators
+        assert comp.shape[1] == 5 * hr.shape[1] + 16 and comp.shape[0] > hr.shape[0]
 
 
-def test_detail_box_finds_the_textured_region():
-    from srgan.evaluate import detail_box
+def test_run_metrics_are_each_generators_own(evaluated):
+    from srgan.evaluate import run_metrics
 
-    img = np.full((64, 80, 3), 128, np.uint8)
-    rng = np.random.default_rng(0)
-    img[30:46, 50:66] = rng.integers(0, 255, (16, 16, 3))
-    r, c = detail_box(img, 16)
-    assert abs(r - 30) <= 1 and abs(c - 50) <= 1
+    _, _, summary = evaluated
+    m = run_metrics(summary, "srgan")
+    assert m["eval/valid/psnr_y"] == summary["valid"]["srgan"]["psnr_y"]
+    assert m["eval/valid/bicubic_psnr_y"] == summary["valid"]["bicubic"]["psnr_y"]
+    assert run_metrics(summary, "srresnet")["eval/valid/psnr_y"] == summary["valid"]["srresnet"]["psnr_y"]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not found: `make sysdeps` installs it (root, Debian)")
@@ -81,10 +101,11 @@ def test_report_renders_in_a_headless_browser(evaluated, tmp_path):
     from srgan import report
 
     _, reports, _ = evaluated
-    (reports / "train").mkdir(exist_ok=True)
-    (reports / "train" / "history.csv").write_text(
-        "step,g_mse,val_psnr_y\n2,0.01,\n4,0.008,25.5\n6,0.007,25.9\n")
-    (reports / "train" / "train_summary.json").write_text(json.dumps({"run_id": "abc123", "total_steps": 6}))
+    for stage, run in (("pretrain", "pre123"), ("train", "abc123")):
+        (reports / stage).mkdir(exist_ok=True)
+        (reports / stage / "history.csv").write_text(
+            "step,g_mse,val_psnr_y\n2,0.01,\n4,0.008,25.5\n6,0.007,25.9\n")
+        (reports / stage / "summary.json").write_text(json.dumps({"run_id": run, "total_steps": 6}))
     page_path = report.build(reports, tiny_config().flat())
     # the page must not reference anything outside itself
     html_text = page_path.read_text()
@@ -98,13 +119,13 @@ def test_report_renders_in_a_headless_browser(evaluated, tmp_path):
             page.on("request", lambda r: requests.append(r.url))
             page.goto(page_path.as_uri())
             assert page.title() == "SRGAN report"
-            rows = page.locator("#metrics + table tbody tr")
-            assert rows.count() == 3 and "psnr_y" in rows.nth(0).inner_text()
+            rows = page.locator("#metrics ~ table").first.locator("tbody tr")
+            assert rows.count() == 3 and "SRResNet" in rows.nth(1).inner_text()
             imgs = page.locator("img")
-            assert imgs.count() >= 2  # curves and at least one comparison
+            assert imgs.count() >= 3  # two curves and at least one comparison
             widths = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth)")
             assert all(w and w > 0 for w in widths), widths  # every image decoded
-            assert "abc123" in page.inner_text("body")
+            assert "abc123" in page.inner_text("body") and "pre123" in page.inner_text("body")
             page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
             assert all(u.startswith(("file:", "data:")) for u in requests), requests
         finally:
@@ -112,24 +133,17 @@ def test_report_renders_in_a_headless_browser(evaluated, tmp_path):
 
 
 def test_self_ensemble_is_reported_next_to_the_single_pass(processed_dir, tmp_path):
+    from srgan import report
     from srgan.evaluate import evaluate
 
     cfg = tiny_config(**{"evaluate.self_ensemble": True})
     reports = tmp_path / "reports"
-    from srgan import models
-
-    g = models.build_generator(cfg.model.generator, 4)
-    last = g.get_layer("output_conv")  # zero-initialised (G = bicubic): give it a non-symmetric residual
-    rng = np.random.default_rng(0)
-    last.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in last.get_weights()])
-    g.save(tmp_path / "g.keras")
-    summary = evaluate(cfg, tmp_path / "g.keras", processed_dir, reports)["summary"]
+    g = _random_residual(tmp_path / "g.keras")
+    v = evaluate(cfg.evaluate, 4, {"srgan": g}, {"valid": processed_dir / "valid"}, reports)["valid"]
     rows = list(csv.DictReader((reports / "per_image.csv").open()))
     for k in ("psnr_y", "ssim_y", "psnr_rgb"):
-        assert summary[f"x8_{k}"] == pytest.approx(np.mean([float(r[f"x8_{k}"]) for r in rows]), abs=1e-5)
-    assert summary["x8_psnr_y_gain"] == pytest.approx(summary["x8_psnr_y"] - summary["bicubic_psnr_y"])
+        assert v["srgan_x8"][k] == pytest.approx(np.mean([float(r[f"srgan_x8_{k}"]) for r in rows]), abs=1e-5)
+    assert v["srgan_x8"]["psnr_y_gain"] == pytest.approx(v["srgan_x8"]["psnr_y"] - v["bicubic"]["psnr_y"])
     # an untrained generator is not flip/rotation-equivariant: the ensemble scores differently
-    assert summary["x8_psnr_y"] != pytest.approx(summary["psnr_y"], abs=1e-4)
-    from srgan import report
-
-    assert "psnr_y (self-ensemble x8)" in report.build(reports, cfg.flat()).read_text()
+    assert v["srgan_x8"]["psnr_y"] != pytest.approx(v["srgan"]["psnr_y"], abs=1e-4)
+    assert "SRGAN (self-ensemble x8)" in report.build(reports, cfg.flat()).read_text()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from srgan.config import ADV_LOSSES, LossConfig, VggConfig
+from srgan.config import ADV_LOSSES, LossConfig, VggConfig, section
 from srgan.losses import (
     ADVERSARIAL,
     VggPreprocess,
@@ -155,7 +155,7 @@ def test_pixel_mse_hand_value():
 
 
 def test_per_pix_loss_uses_config_weights():
-    cfg = LossConfig(w_mse=2.0, w_vgg=0.5, w_adv=0.1)
+    cfg = section(LossConfig, w_mse=2.0, w_vgg=0.5, w_adv=0.1)
     parts = {"mse": tf.constant(1.5), "vgg": tf.constant(4.0), "adv": tf.constant(-3.0)}
     assert float(per_pix_loss(parts, cfg)) == pytest.approx(2.0 * 1.5 + 0.5 * 4.0 + 0.1 * -3.0)
     assert float(per_pix_loss({"mse": tf.constant(1.5)}, cfg)) == pytest.approx(3.0)
@@ -174,28 +174,28 @@ def test_vgg_preprocess_matches_keras_caffe():
 
 def test_vgg_layer_validation():
     with pytest.raises(ValueError, match="block5_conv4") as err:
-        build_vgg_extractor(VggConfig(layer="block9_conv9"), 0)
+        build_vgg_extractor(section(VggConfig, layer="block9_conv9"), 0)
     assert "block9_conv9" in str(err.value) and "block2_conv2" in str(err.value)
 
 
 @pytest.fixture(scope="module")
 def vgg22() -> keras.Model:
-    return build_vgg_extractor(VggConfig(layer="block2_conv2", weights="random"), 42)
+    return build_vgg_extractor(section(VggConfig, layer="block2_conv2", weights="random"), 42)
 
 
 def test_vgg_shapes_and_frozen(vgg22):
     x = np.random.default_rng(0).random((2, 16, 16, 3), dtype=np.float32)
     assert tuple(vgg22(x).shape) == (2, 8, 8, 128)  # one pool before block2
     assert not vgg22.trainable_weights
-    vgg54 = build_vgg_extractor(VggConfig(layer="block5_conv4", weights="random"), 42)
+    vgg54 = build_vgg_extractor(section(VggConfig, layer="block5_conv4", weights="random"), 42)
     assert tuple(vgg54(x).shape) == (2, 1, 1, 512)  # four pools before block5
     assert vgg54.layers[-1].name == "block5_conv4"
 
 
 def test_vgg_random_is_seeded(vgg22):
     x = np.random.default_rng(1).random((1, 12, 12, 3), dtype=np.float32)
-    same = build_vgg_extractor(VggConfig(layer="block2_conv2", weights="random"), 42)
-    other = build_vgg_extractor(VggConfig(layer="block2_conv2", weights="random"), 43)
+    same = build_vgg_extractor(section(VggConfig, layer="block2_conv2", weights="random"), 42)
+    other = build_vgg_extractor(section(VggConfig, layer="block2_conv2", weights="random"), 43)
     np.testing.assert_array_equal(same(x), vgg22(x))
     assert not np.allclose(other(x), vgg22(x))
     assert float(np.std(vgg22(x))) > 1e-3  # random features are not degenerate
@@ -214,5 +214,5 @@ def test_vgg_imagenet_weights():
     cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
     if not (cache / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5").exists():
         pytest.skip("needs internet: ImageNet VGG19 weights are not cached and cannot be downloaded here")
-    model = build_vgg_extractor(VggConfig(layer="block2_conv2", weights="imagenet"), 0)
+    model = build_vgg_extractor(section(VggConfig, layer="block2_conv2", weights="imagenet"), 0)
     assert tuple(model(np.zeros((1, 8, 8, 3), np.float32)).shape) == (1, 4, 4, 128)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from srgan.config import DiscriminatorConfig, GeneratorConfig
+from srgan.config import DiscriminatorConfig, GeneratorConfig, section
 from srgan.models import (
     BicubicUpsample,
     PixelShuffle,
@@ -18,7 +18,7 @@ from srgan.models import (
 )
 
 TINY_G = dict(blocks=1, filters=4)
-TINY_D = DiscriminatorConfig(filters=2, dense=8, batch_norm=True)
+TINY_D = section(DiscriminatorConfig, filters=2, dense=8, batch_norm=True)
 
 
 def _lr(batch: int = 2, h: int = 5, w: int = 6, seed: int = 0) -> np.ndarray:
@@ -50,7 +50,7 @@ def test_pixel_shuffle_matches_tf_depth_to_space():
     [(2, False, True), (3, True, False), (4, True, True), (4, False, False)],
 )
 def test_generator_output_shapes(scale, batch_norm, bicubic_skip):
-    cfg = GeneratorConfig(**TINY_G, batch_norm=batch_norm, bicubic_skip=bicubic_skip, upsampler="paper")
+    cfg = section(GeneratorConfig, **TINY_G, batch_norm=batch_norm, bicubic_skip=bicubic_skip, upsampler="paper")
     g = build_generator(cfg, scale)
     assert g.name == "generator"
     assert g.input_shape == (None, None, None, 3)
@@ -64,7 +64,7 @@ def test_generator_output_shapes(scale, batch_norm, bicubic_skip):
 
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_light_upsampler_has_no_hr_conv(scale, tmp_path):
-    g = build_generator(GeneratorConfig(**TINY_G, upsampler="light"), scale)
+    g = build_generator(section(GeneratorConfig, **TINY_G, upsampler="light"), scale)
     x = _lr(2, 5, 6)
     assert tuple(g(x).shape) == (2, 5 * scale, 6 * scale, 3)
     # every conv runs at LR resolution: one pixel shuffle straight to RGB
@@ -79,11 +79,11 @@ def test_light_upsampler_has_no_hr_conv(scale, tmp_path):
 
 def test_generator_rejects_bad_scale():
     with pytest.raises(ValueError, match="scale"):
-        build_generator(GeneratorConfig(**TINY_G), 5)
+        build_generator(section(GeneratorConfig, **TINY_G), 5)
 
 
 def test_generator_zero_last_conv_equals_bicubic():
-    g = build_generator(GeneratorConfig(**TINY_G, bicubic_skip=True), 4)
+    g = build_generator(section(GeneratorConfig, **TINY_G, bicubic_skip=True), 4)
     conv = g.get_layer("output_conv")
     conv.set_weights([np.zeros_like(w) for w in conv.get_weights()])
     x = _lr(2, 5, 6)
@@ -93,7 +93,7 @@ def test_generator_zero_last_conv_equals_bicubic():
 
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_generator_keras_round_trip(tmp_path, batch_norm):
-    g = build_generator(GeneratorConfig(**TINY_G, batch_norm=batch_norm, bicubic_skip=True), 3)
+    g = build_generator(section(GeneratorConfig, **TINY_G, batch_norm=batch_norm, bicubic_skip=True), 3)
     _perturb(g)
     path = tmp_path / "generator.keras"
     g.save(path)
@@ -123,7 +123,7 @@ def test_discriminator_shape_and_layout():
     assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in d.layers) == 7
     assert d.get_layer("dense").units == 8
     assert d.get_layer("logits").activation is keras.activations.linear
-    no_bn = build_discriminator(DiscriminatorConfig(filters=2, dense=8, batch_norm=False), 16)
+    no_bn = build_discriminator(section(DiscriminatorConfig, filters=2, dense=8, batch_norm=False), 16)
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in no_bn.layers)
 
 
@@ -153,7 +153,7 @@ def test_flops_hand_count_tiny_conv_model():
 
 def test_flops_hand_count_generator():
     f, h, w = 4, 5, 6
-    g = build_generator(GeneratorConfig(blocks=1, filters=f, batch_norm=True, bicubic_skip=True,
+    g = build_generator(section(GeneratorConfig, blocks=1, filters=f, batch_norm=True, bicubic_skip=True,
                                         upsampler="paper"), 2)
     p = h * w
     hand = 2 * (
@@ -164,6 +164,6 @@ def test_flops_hand_count_generator():
         + 4 * p * 81 * f * 3  # output 9x9 at 2x resolution
     )
     assert generator_flops(g, (h, w)) == hand
-    light = build_generator(GeneratorConfig(blocks=1, filters=f, bicubic_skip=True, upsampler="light"), 2)
+    light = build_generator(section(GeneratorConfig, blocks=1, filters=f, bicubic_skip=True, upsampler="light"), 2)
     # same trunk; the head is one 3x3 conv to 3 * 2^2 channels at LR resolution
     assert generator_flops(light, (h, w)) == 2 * (p * 81 * 3 * f + 3 * p * 9 * f * f + p * 9 * f * 12)

@@ -1,4 +1,4 @@
-"""srgan.pipeline: batches, aligned augmentation, determinism, resume skip-ahead, load_valid."""
+"""srgan.pipeline: batches, aligned augmentation, determinism, resume skip-ahead; validation pairs."""
 
 from __future__ import annotations
 
@@ -120,11 +120,14 @@ def test_errors(processed, tmp_path):
         pipeline.train_dataset(processed / "train", BATCH, 50, SCALE, seed=0)
 
 
-def test_load_valid(processed):
-    valid = pipeline.load_valid(processed)
-    assert [n for n, _, _ in valid] == ["v0", "v1", "v2"]
-    for _, lr, hr in valid:
-        assert lr.dtype == np.uint8 and hr.dtype == np.uint8
-        assert hr.shape[0] == 4 * lr.shape[0] and hr.shape[1] == 4 * lr.shape[1]
-        np.testing.assert_array_equal(lr, images.downscale(hr, SCALE))
-    assert len(pipeline.load_valid(processed, limit=2)) == 2
+def test_load_pairs(processed):
+    from srgan import dataio
+
+    valid = dataio.load_pairs(processed / "valid")
+    assert [p.name for p in valid] == ["v0", "v1", "v2"]
+    for p in valid:
+        assert p.lr.dtype == np.uint8 and p.hr.dtype == np.uint8
+        assert p.hr.shape[0] == 4 * p.lr.shape[0] and p.hr.shape[1] == 4 * p.lr.shape[1]
+        np.testing.assert_array_equal(p.lr, images.downscale(p.hr, SCALE))
+    assert len(dataio.load_pairs(processed / "valid", limit=2)) == 2
+    assert [p.name for p in dataio.iter_pairs(processed / "valid", names=["v2", "v0"])] == ["v0", "v2"]

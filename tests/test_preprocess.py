@@ -282,20 +282,46 @@ def test_errors_name_the_raw_dir(tmp_path):
         preprocess(small_cfg(), raw, tmp_path / "out", workers=1, progress=False)
 
 
-def test_stage_main(tmp_path, monkeypatch, capsys):
-    import preprocess as stage  # src/preprocess.py
+def test_stage_script_and_one_line_errors(tmp_path):
+    """src/preprocess.py as DVC runs it: paths from the command line, one `error:` line on bad params."""
+    import subprocess
+    import sys
 
-    make_raw(tmp_path / "data", n_train=2, n_valid=1)
-    monkeypatch.setattr(config, "ROOT", tmp_path)
-    monkeypatch.setattr(config, "load", lambda *a, **k: small_cfg(workers=1))
-    assert stage.main() == 0
+    import yaml
+
+    raw = make_raw(tmp_path / "data", n_train=2, n_valid=1)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(small_cfg(workers=1).to_dict()))
+    cmd = [sys.executable, str(config.ROOT / "src" / "preprocess.py"), "--params", str(params),
+           "--raw", str(raw), "--processed", str(tmp_path / "data" / "processed")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
     assert (tmp_path / "data" / "processed" / "manifest.json").exists()
-    assert "crops from 2/2 training images" in capsys.readouterr().out
+    assert "crops from 2/2 training images" in out.stdout
 
-    def fail(*a, **k):
-        raise config.ConfigError("preprocess.scale: 5 is not allowed")
+    params.write_text(params.read_text().replace("scale: 4", "scale: 5"))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: {params}: preprocess.scale: 5 is not allowed; allowed values: 2, 3, 4"]
 
-    monkeypatch.setattr(config, "load", fail)
-    assert stage.main() == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["preprocess: error: preprocess.scale: 5 is not allowed"]
+
+def test_output_bytes_are_the_same_in_every_process(tmp_path):
+    """Two runs in two processes write byte-identical outputs (protobuf map order is per process
+    unless serialised deterministically), so DVC sees unchanged data and re-trains nothing."""
+    import subprocess
+    import sys
+
+    raw = make_raw(tmp_path / "data", n_train=3, n_valid=1)
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[3]); from test_preprocess import small_cfg;"
+            "from srgan.preprocess import preprocess; preprocess(small_cfg(workers=1), Path(sys.argv[1]), Path(sys.argv[2]),"
+            " progress=False)")
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        env = {**os.environ, "PYTHONPATH": str(config.ROOT / "src")}
+        subprocess.run([sys.executable, "-c", code, str(raw), str(out), str(Path(__file__).parent)], check=True,
+                       capture_output=True, timeout=300, env=env)
+        outs.append({p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) > 3
+    assert [k for k in outs[0] if outs[0][k] != outs[1][k]] == []

@@ -5,16 +5,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _http import FileServer
+from conftest import write_params
 from PIL import Image
 
-import fetch as fetch_cli
 from srgan import config
 from srgan.download import Archive, DigestMismatchError, UnsafeArchiveError
 from srgan.sources import SAMPLE_TRAIN, SAMPLE_VALID, SourceError, fetch, sample_dir, seeded_subset
@@ -73,7 +76,7 @@ def div2k():
 
 
 def _cfg(overrides: dict) -> config.Config:
-    return config.replace(config.Config(), overrides)
+    return config.replace(config.load(), overrides)
 
 
 def test_div2k_download_extract_split(div2k, tmp_path):
@@ -248,26 +251,31 @@ def test_coco_too_many_images_is_a_clear_error(coco, tmp_path):
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
-def test_cli_sample_and_one_line_errors(tmp_path, capsys):
-    params = tmp_path / "params.yaml"
-    params.write_text("data:\n  source: sample\n")
-    assert fetch_cli.main(["--params", str(params), "--raw-dir", str(tmp_path / "raw"),
-                           "--download-dir", str(tmp_path / "dl")]) == 0
+def _fetch_cli(params: Path, raw: Path, shared: Path) -> subprocess.CompletedProcess:
+    """src/fetch.py as DVC runs it; DVC_ROOT says where the shared archive cache is."""
+    cmd = [sys.executable, str(config.ROOT / "src" / "fetch.py"), "--params", str(params), "--raw", str(raw)]
+    return subprocess.run(cmd, env={**os.environ, "DVC_ROOT": str(shared)}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_sample_and_one_line_errors(tmp_path):
+    params = write_params(tmp_path / "params.yaml", **{"data.source": "sample"})
+    out = _fetch_cli(params, tmp_path / "raw", tmp_path)
+    assert out.returncode == 0, out.stderr
     assert json.loads((tmp_path / "raw/fetch.json").read_text())["counts"] == {"train": 7, "valid": 2}
 
-    params.write_text("data:\n  source: nope\n")
-    assert fetch_cli.main(["--params", str(params), "--raw-dir", str(tmp_path / "raw")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("fetch: error:") and "data.source" in err[0]
+    params.write_text(params.read_text().replace("source: sample", "source: nope"))
+    out = _fetch_cli(params, tmp_path / "raw", tmp_path)
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(err) == 1 and err[0].startswith("error:") and "data.source" in err[0]
 
 
-def test_cli_reports_digest_mismatch_in_one_line(div2k, tmp_path, capsys):
+def test_cli_reports_digest_mismatch_in_one_line(div2k, tmp_path):
     server, _ = div2k  # real published sizes/digests: the tiny test archives cannot match them
-    params = tmp_path / "params.yaml"
-    params.write_text(f"data:\n  source: div2k\n  div2k:\n    base_url: {server.url}\n")
-    rc = fetch_cli.main(["--params", str(params), "--raw-dir", str(tmp_path / "raw"),
-                         "--download-dir", str(tmp_path / "dl")])
-    assert rc == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("fetch: error: DIV2K_train_HR.zip: size mismatch: expected 3530603713 bytes")
-    assert "Traceback" not in "\n".join(err)
+    params = write_params(tmp_path / "params.yaml", **{"data.source": "div2k", "data.div2k.base_url": server.url})
+    out = _fetch_cli(params, tmp_path / "raw", tmp_path)
+    assert out.returncode == 1
+    err = out.stderr.strip().splitlines()
+    assert err[-1].startswith("error: DIV2K_train_HR.zip: size mismatch: expected 3530603713 bytes"), err
+    assert "Traceback" not in out.stderr
+    assert (tmp_path / "data" / "downloads").is_dir()  # the cache is under DVC_ROOT, shared by workspaces

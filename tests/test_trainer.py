@@ -1,10 +1,11 @@
-"""The training loop on a tiny model with real TensorFlow, real tf.data and a real MLflow store."""
+"""Training phases on a tiny model with real TensorFlow, real tf.data and a real MLflow store:
+logging, resume after a kill, never reopening a finished run, and damaged checkpoints."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from conftest import TINY, tiny_config
-from srgan import config, tracking
+from conftest import tiny_config, write_params
+from srgan import dataio, tracking
 from srgan.config import ROOT
 
 
@@ -27,42 +27,67 @@ def _client(uri):
 
 
 @pytest.mark.slow
-def test_training_run_is_logged_to_mlflow(processed_dir, mlflow_uri, tmp_path):
+def test_pretrain_then_gan_runs_are_logged_to_mlflow(processed_dir, mlflow_uri, tmp_path):
     from srgan import models
-    from srgan.experiment import run_training
+    from srgan.experiment import phase_params, run_training
     from srgan.trainer import TrainData
 
     cfg = tiny_config()
     data = TrainData.load(processed_dir, cfg.train.val_images)
-    model_path = tmp_path / "models" / "generator.keras"
-    run_id, result = run_training(cfg, data, model_path, tmp_path / "ckpt", tmp_path / "reports")
-    assert result.step == result.total_steps == 10
+    srresnet = tmp_path / "models" / "srresnet.keras"
+    pre_id, pre = run_training(cfg, "pretrain", data, srresnet, tmp_path / "ckpt", tmp_path / "reports" / "pretrain")
+    assert pre.step == pre.total_steps == 6
+    run_id, result = run_training(cfg, "gan", data, tmp_path / "models" / "generator.keras", tmp_path / "ckpt",
+                                  tmp_path / "reports" / "train", init_generator=srresnet, data_offset=6)
+    assert result.step == result.total_steps == 4
 
-    run = _client(mlflow_uri).get_run(run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["adv.loss"] == "modified" and run.data.params["train.gan_steps"] == "4"
-    assert len(run.data.params) == len(cfg.flat())
+    client = _client(mlflow_uri)
+    pre_run, run = client.get_run(pre_id), client.get_run(run_id)
+    assert pre_run.info.status == run.info.status == "FINISHED"
+    assert pre_run.data.tags["phase"] == "pretrain" and run.data.tags["phase"] == "gan"
+    # each run logs exactly the params its phase reads
+    assert pre_run.data.params == {k: str(v) for k, v in phase_params(cfg, "pretrain").items()}
+    assert "adv.loss" not in pre_run.data.params and "pretrain.steps" in pre_run.data.params
+    assert run.data.params["adv.loss"] == "modified" and run.data.params["gan.steps"] == "4"
+    assert not any(k.startswith(("tune.", "data.")) for k in run.data.params)
     for key in ("g_mse", "g_vgg", "g_adv", "g_total", "d_loss", "d_real", "d_fake", "lr",
                 "val_psnr_y", "val_ssim_y", "bicubic_psnr_y", "val_psnr_y_gain", "steps_per_s"):
         assert key in run.data.metrics, key
-    steps = [m.step for m in _client(mlflow_uri).get_metric_history(run_id, "g_mse")]
-    assert steps == [2, 4, 6, 8, 10]
+    assert [m.step for m in client.get_metric_history(pre_id, "g_mse")] == [2, 4, 6]
+    assert [m.step for m in client.get_metric_history(run_id, "g_adv")] == [2, 4]
     tags = run.data.tags
     assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
-    assert tags["params.digest"] == cfg.digest()
+    assert tags["params.digest"] == cfg.digest() and tags["adv.loss"] == "modified"
     assert tags["data.manifest_digest"] == data.manifest_digest
-    arts = {a.path for a in _client(mlflow_uri).list_artifacts(run_id, "validation")}
-    assert arts == {"validation/step_0000005.png", "validation/step_0000010.png"}
-    assert [a.path for a in _client(mlflow_uri).list_artifacts(run_id, "model")] == ["model/generator.keras"]
+    arts = {a.path for a in client.list_artifacts(pre_id, "validation")}
+    assert arts == {"validation/step_0000005.png", "validation/step_0000006.png"}
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/generator.keras"]
+    assert [a.path for a in client.list_artifacts(pre_id, "model")] == ["model/srresnet.keras"]
 
-    # the saved generator reloads in safe mode and reproduces the trained model's output
-    g = models.load_generator(model_path)
-    lr = data.valid[0][1][None].astype("float32") / 255
-    assert g(lr).shape == (1, lr.shape[1] * 4, lr.shape[2] * 4, 3)
-    hist = (tmp_path / "reports" / "history.csv").read_text().splitlines()
-    assert hist[0].startswith("step,") and len(hist) == 1 + 6  # 5 log steps + validation at 5
-    summary = json.loads((tmp_path / "reports" / "train_summary.json").read_text())
+    # the adversarial phase started from the SRResNet: its first validation is near the SRResNet's
+    # and both saved generators reload in safe mode
+    g, s = models.load_generator(tmp_path / "models" / "generator.keras"), models.load_generator(srresnet)
+    lr = data.valid[0].lr[None].astype("float32") / 255
+    assert g(lr).shape == s(lr).shape == (1, lr.shape[1] * 4, lr.shape[2] * 4, 3)
+    hist = (tmp_path / "reports" / "pretrain" / "history.csv").read_text().splitlines()
+    assert hist[0].startswith("step,") and len(hist) == 1 + 4  # logs at 2, 4, 6 + validation at 5
+    summary = json.loads((tmp_path / "reports" / "train" / "summary.json").read_text())
     assert summary["run_id"] == run_id and np.isfinite(summary["val_psnr_y"])
+
+
+def test_gan_phase_starts_from_the_srresnet_weights(processed_dir, pretrained):
+    from srgan import models
+    from srgan.trainer import Trainer, TrainStateError, prepare_runtime
+
+    cfg = tiny_config()
+    prepare_runtime(cfg)
+    path = pretrained / "models" / "srresnet.keras"
+    t = Trainer(cfg, "gan", init_generator=path)
+    for a, b in zip(t.G.get_weights(), models.load_generator(path).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    wider = tiny_config(**{"model.generator.filters": 8})
+    with pytest.raises(TrainStateError, match="does not have the architecture of model.generator"):
+        Trainer(wider, "gan", init_generator=path)
 
 
 @pytest.mark.slow
@@ -71,88 +96,178 @@ def test_nan_loss_stops_with_clear_error_and_failed_run(processed_dir, mlflow_ur
     from srgan.trainer import NonFiniteLossError, TrainData
 
     # an absurd learning rate blows the weights up within a few steps
-    cfg = tiny_config(**{"train.lr_pretrain": 1e30, "train.lr_schedule_pretrain": "constant"})
+    cfg = tiny_config(**{"pretrain.lr": 1e30, "pretrain.lr_schedule": "constant"})
     data = TrainData.load(processed_dir, 1)
     with pytest.raises(NonFiniteLossError, match=r"step \d+: non-finite loss"):
-        run_training(cfg, data, tmp_path / "g.keras", tmp_path / "ckpt")
+        run_training(cfg, "pretrain", data, tmp_path / "g.keras", tmp_path / "ckpt")
     assert not (tmp_path / "g.keras").exists()
     runs = tracking.search_runs(cfg.tracking.experiment)
     assert [r["status"] for r in runs] == ["FAILED"]
     assert "NonFiniteLossError" in runs[0]["tags"]["error"]
 
 
-def _write_params(path: Path, **overrides) -> Path:
-    data = json.loads(json.dumps(TINY))
-    for k, v in overrides.items():
-        config.set_dotted(data, k, v)
-    config.from_dict(data)  # validate
-    path.write_text(yaml.safe_dump(data))
-    return path
+def _stage_cmd(params: Path, processed: Path, tmp_path: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "src" / "pretrain.py"), "--params", str(params),
+            "--processed", str(processed), "--model", str(tmp_path / "models" / "srresnet.keras"),
+            "--checkpoints", str(tmp_path / "models" / "checkpoints"), "--reports", str(tmp_path / "reports")]
+
+
+def _ckpt_dirs(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "models" / "checkpoints").glob("pretrain-*"))
 
 
 @pytest.mark.slow
-def test_killed_training_resumes_from_checkpoint(processed_dir, mlflow_uri, tmp_path):
-    """SIGKILL mid-run, run again: it continues from the checkpointed step to the same final step."""
-    params = _write_params(tmp_path / "params.yaml", **{
-        "train.pretrain_steps": 40, "train.gan_steps": 20, "train.checkpoint_every": 5,
-        "train.log_every": 5, "train.val_every": 30})
-    cmd = [sys.executable, str(ROOT / "src" / "train.py"), "--params", str(params),
-           "--processed", str(processed_dir), "--models", str(tmp_path / "models"),
-           "--reports", str(tmp_path / "reports")]
+def test_killed_training_resumes_with_its_run_and_its_curve(processed_dir, mlflow_uri, tmp_path):
+    """SIGKILL mid-run; DVC deletes the stage's outs (the curve) before re-running it; run again:
+    it continues from the checkpoint, in the same MLflow run, and the curve before the kill is kept."""
+    params = write_params(tmp_path / "params.yaml", **{
+        "pretrain.steps": 60, "train.checkpoint_every": 5, "train.log_every": 5, "train.val_every": 30})
+    cmd = _stage_cmd(params, processed_dir, tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
-    ckpt = tmp_path / "models" / "checkpoints"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     killed_after = None
     while time.time() < deadline and proc.poll() is None:
-        # The state file names the last *completed* checkpoint (TF rewrites it atomically after
-        # the data and index files). A ckpt-N.index alone may belong to a save still in progress,
-        # which a kill legitimately discards.
-        state = ckpt / "checkpoint"
-        latest = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', state.read_text(), re.M) \
-            if state.exists() else None
-        if latest and int(latest.group(1)) >= 10:
+        # an index file is renamed into place last: it names a complete checkpoint
+        steps = [int(p.name.split("-")[1].split(".")[0]) for d in _ckpt_dirs(tmp_path) for p in d.glob("ckpt-*.index")]
+        if steps and max(steps) >= 10:
             proc.send_signal(signal.SIGKILL)
-            killed_after = int(latest.group(1))
+            killed_after = max(steps)
             break
         time.sleep(0.2)
     proc.wait()
     assert killed_after is not None, "the run ended before it could be killed:\n" + proc.stdout.read()
-    assert not (tmp_path / "models" / "generator.keras").exists()
+    assert not (tmp_path / "models" / "srresnet.keras").exists()
+    (tmp_path / "reports" / "history.csv").unlink()  # what `dvc repro` does to a stage's outs
 
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     log = out.stdout + out.stderr
     resumed = int(log.split("resumed from checkpoint at step ")[1].split()[0])
-    assert resumed >= killed_after and resumed < 60
-    summary = json.loads((tmp_path / "reports" / "train_summary.json").read_text())
+    assert killed_after <= resumed < 60
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
     assert summary["resumed_from"] == resumed and summary["total_steps"] == 60
-    assert (tmp_path / "models" / "generator.keras").exists()
     # one MLflow run across both processes, finished, with the curve continuing after the resume
     runs = tracking.search_runs("srgan")
     assert len(runs) == 1 and runs[0]["status"] == "FINISHED"
     steps = [s for s, _ in tracking.metric_history(runs[0]["run_id"], "g_mse")]
     assert max(steps) == 60 and resumed + 5 in steps
+    # the history file has the steps before the kill too, each once
+    hist = [int(float(r["step"])) for r in dataio.read_csv(tmp_path / "reports" / "history.csv")]
+    assert hist[:2] == [5, 10] and hist[-1] == 60 and len(hist) == len(set(hist))
     # train.onednn (default true) reached TensorFlow unless the environment set it explicitly
     assert runs[0]["tags"]["env.TF_ENABLE_ONEDNN_OPTS"] == os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")
+
+    # a param change trains in a new folder and a new run: the finished run is never reopened
+    finished = runs[0]
+    write_params(params, **{"pretrain.steps": 12, "train.checkpoint_every": 5, "train.log_every": 5})
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    runs = {r["run_id"]: r for r in tracking.search_runs("srgan")}
+    assert len(runs) == 2 and runs[finished["run_id"]]["status"] == "FINISHED"
+    assert runs[finished["run_id"]]["params"] == finished["params"]  # untouched
+    assert max(s for s, _ in tracking.metric_history(finished["run_id"], "g_mse")) == 60
+    assert len(_ckpt_dirs(tmp_path)) == 2  # the old params' checkpoints are kept for a revert
+
+
+def _trained_state(processed_dir: Path, root: Path, steps: int = 6):
+    """A finished-looking but unmarked pretrain state folder with checkpoints at 2, 4 and 6."""
+    from srgan.trainer import TrainData, TrainState, train, training_digest
+
+    cfg = tiny_config(**{"pretrain.steps": steps})
+    data = TrainData.load(processed_dir, 1)
+    state = TrainState(root, "pretrain", training_digest(cfg, "pretrain", data.manifest_digest))
+    train(cfg, "pretrain", data, state)
+    return cfg, data, state
+
+
+def _flip_block(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 64] = bytes(b ^ 0xFF for b in raw[mid:mid + 64])
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["flipped_data", "truncated_data", "empty_index", "garbage_state_file"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(processed_dir, tmp_path, caplog, damage):
+    from srgan.trainer import Trainer, TrainState, prepare_runtime
+
+    cfg, data, state = _trained_state(processed_dir, tmp_path)
+    assert state.checkpoints() == [6, 4, 2]
+    newest = state.dir / "ckpt-6"
+    if damage == "flipped_data":
+        _flip_block(newest.with_suffix(".data-00000-of-00001"))
+    elif damage == "truncated_data":
+        data_file = newest.with_suffix(".data-00000-of-00001")
+        data_file.write_bytes(data_file.read_bytes()[: data_file.stat().st_size // 3])
+    elif damage == "empty_index":
+        newest.with_suffix(".index").write_bytes(b"")
+    else:  # TensorFlow's own `checkpoint` state file and our state.json: neither is needed to resume
+        (state.dir / "checkpoint").write_text("garbage\x00\x01")
+        (state.dir / "state.json").write_text("{not json")
+    prepare_runtime(cfg)
+    again = TrainState(tmp_path, "pretrain", state.digest)
+    with caplog.at_level(logging.WARNING):
+        step = again.restore(Trainer(cfg, "pretrain"))
+    if damage == "garbage_state_file":
+        assert step == 6
+        assert "state.json is damaged" in caplog.text
+    else:
+        assert step == 4, caplog.text
+        assert f"checkpoint {newest} is damaged" in caplog.text
+
+
+def test_every_checkpoint_damaged_restarts_from_zero_with_a_warning(processed_dir, tmp_path, caplog):
+    from srgan.trainer import Trainer, TrainState, prepare_runtime
+
+    cfg, data, state = _trained_state(processed_dir, tmp_path)
+    for idx in state.dir.glob("*.index"):
+        idx.write_bytes(b"\x00" * 10)
+    prepare_runtime(cfg)
+    with caplog.at_level(logging.WARNING):
+        assert TrainState(tmp_path, "pretrain", state.digest).restore(Trainer(cfg, "pretrain")) == 0
+    assert "no intact checkpoint" in caplog.text
+
+
+def test_a_completed_training_is_never_resumed_and_old_params_are_kept(processed_dir, tmp_path):
+    from srgan.trainer import TrainState
+
+    cfg, data, state = _trained_state(processed_dir, tmp_path)
+    state.bind_run("run-a")
+    assert TrainState(tmp_path, "pretrain", state.digest).run_id == "run-a"  # unfinished: resumable
+    state.mark_complete()
+    fresh = TrainState(tmp_path, "pretrain", state.digest)
+    assert fresh.run_id is None and fresh.checkpoints() == []  # finished: start afresh, new run
+    other = TrainState(tmp_path, "pretrain", "f" * 64)  # another digest: another folder
+    assert other.dir != fresh.dir and fresh.dir.exists()
+    for i in range(TrainState.KEEP_FOLDERS + 2):
+        TrainState(tmp_path, "pretrain", f"{i:x}" * 64)
+    assert len(list(tmp_path.glob("pretrain-*"))) == TrainState.KEEP_FOLDERS
 
 
 def test_lr_schedules():
     from srgan.trainer import lr_schedule
 
-    cfg = tiny_config(**{"train.lr_decay_every": 0, "train.lr_decay_factor": 0.1})
-    assert lr_schedule(1e-3, 100, "constant", cfg) == 1e-3
-    step = lr_schedule(1e-3, 100, "step", cfg)
+    phase = tiny_config(**{"gan.steps": 100, "gan.lr": 1e-3, "gan.lr_decay_every": 0,
+                           "gan.lr_decay_factor": 0.1}).gan
+    assert lr_schedule(phase.model_copy(update={"lr_schedule": "constant"})) == 1e-3
+    step = lr_schedule(phase.model_copy(update={"lr_schedule": "step"}))
     assert float(step(49)) == pytest.approx(1e-3) and float(step(50)) == pytest.approx(1e-4)
-    cos = lr_schedule(1e-3, 100, "cosine", cfg)
+    cos = lr_schedule(phase.model_copy(update={"lr_schedule": "cosine"}))
     assert float(cos(0)) == pytest.approx(1e-3) and float(cos(100)) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_image_grid_layout():
-    from srgan.trainer import image_grid
+def test_public_steps_return_their_loss_parts(processed_dir):
+    import tensorflow as tf
 
-    lr = np.zeros((4, 5, 3), np.uint8)
-    hr = np.full((16, 20, 3), 7, np.uint8)
-    grid = image_grid(lr, hr, hr, hr)
-    assert grid.shape == (16, 4 * 20 + 3 * 4, 3)
-    assert (grid[:, :20] == 0).all() and (grid[:, 20:24] == 255).all() and (grid[:, -20:] == 7).all()
+    from srgan.trainer import Trainer, prepare_runtime
+
+    cfg = tiny_config()
+    prepare_runtime(cfg)
+    lr, hr = tf.random.uniform((4, 4, 4, 3)), tf.random.uniform((4, 16, 16, 3))
+    assert set(Trainer(cfg, "pretrain").pretrain_step((lr, hr))) == {"g_mse"}
+    gan = Trainer(cfg, "gan")
+    assert set(gan.d_step((lr, hr))) == {"d_loss", "d_gp"}
+    parts = gan.gan_step((lr, hr))
+    assert {"g_total", "g_mse", "g_vgg", "g_adv", "d_loss", "d_real", "d_fake"} <= set(parts)
+    assert all(np.isfinite(float(v)) for v in parts.values())

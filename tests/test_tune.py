@@ -13,24 +13,27 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import TINY, write_params
 from srgan import config, tracking
 from srgan.config import ROOT
 
 
 def _params(tmp_path: Path, **overrides) -> Path:
-    data = json.loads(json.dumps(TINY))
-    for k, v in overrides.items():
-        config.set_dotted(data, k, v)
-    config.from_dict(data)
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
+    return write_params(tmp_path / "params.yaml", **overrides)
 
 
-def _tune(tmp_path, processed_dir, mlflow_uri, *args, params=None, popen=False):
+@pytest.fixture
+def processed(processed_dir, pretrained):
+    """(processed data, pretrain stage outputs): what every tune.py call reads."""
+    return processed_dir, pretrained
+
+
+def _tune(tmp_path, processed, mlflow_uri, *args, params=None, popen=False):
+    processed_dir, pretrained = processed
     cmd = [sys.executable, str(ROOT / "src" / "tune.py"), "--params", str(params or _params(tmp_path)),
            "--storage", str(tmp_path / "journal.log"), "--processed", str(processed_dir),
+           "--srresnet", str(pretrained / "models" / "srresnet.keras"),
+           "--pretrain-reports", str(pretrained / "reports" / "pretrain"),
            "--out", str(tmp_path / "tune"), *args]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     if popen:
@@ -48,10 +51,10 @@ def _study(tmp_path):
 
 
 @pytest.mark.slow
-def test_tune_runs_nested_trials_and_a_second_call_adds_to_the_study(processed_dir, mlflow_uri, tmp_path):
-    _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "2")
+def test_tune_runs_nested_trials_and_a_second_call_adds_to_the_study(processed, mlflow_uri, tmp_path):
+    _tune(tmp_path, processed, mlflow_uri, "--n-trials", "2")
     assert len(_study(tmp_path).trials) == 2
-    _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "1")
+    _tune(tmp_path, processed, mlflow_uri, "--n-trials", "1")
     study = _study(tmp_path)
     assert [t.number for t in study.trials] == [0, 1, 2]
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
@@ -76,10 +79,10 @@ def test_tune_runs_nested_trials_and_a_second_call_adds_to_the_study(processed_d
 
 
 @pytest.mark.slow
-def test_failed_trial_is_recorded_and_the_study_goes_on(processed_dir, mlflow_uri, tmp_path):
+def test_failed_trial_is_recorded_and_the_study_goes_on(processed, mlflow_uri, tmp_path):
     # a learning rate range that blows up the adversarial phase: every trial turns NaN
     params = _params(tmp_path, **{"tune.lr_gan": [1e29, 1e30], "tune.losses": ["least_squares"]})
-    out = _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "2", params=params)
+    out = _tune(tmp_path, processed, mlflow_uri, "--n-trials", "2", params=params)
     study = _study(tmp_path)
     assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"]
     assert "non-finite loss" in study.trials[0].user_attrs["fail_reason"]
@@ -111,9 +114,9 @@ def test_pruning_callback_prunes_a_trial_below_the_median(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_tune_resumes_without_losing_or_repeating_finished_trials(processed_dir, mlflow_uri, tmp_path):
+def test_killed_tune_resumes_without_losing_or_repeating_finished_trials(processed, mlflow_uri, tmp_path):
     params = _params(tmp_path, **{"tune.pruner": "none"})
-    proc = _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "6", params=params, popen=True)
+    proc = _tune(tmp_path, processed, mlflow_uri, "--n-trials", "6", params=params, popen=True)
     from optuna.trial import TrialState
 
     deadline = time.time() + 400
@@ -130,7 +133,7 @@ def test_killed_tune_resumes_without_losing_or_repeating_finished_trials(process
     cut = [t for t in before if t.state == TrialState.RUNNING]
     assert finished and len(cut) == 1, [t.state for t in before]
 
-    _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "2", params=params)
+    _tune(tmp_path, processed, mlflow_uri, "--n-trials", "2", params=params)
     after = _study(tmp_path).trials
     # the finished trials are all still there, unchanged
     for t in after:
@@ -144,8 +147,8 @@ def test_killed_tune_resumes_without_losing_or_repeating_finished_trials(process
 
 
 @pytest.mark.slow
-def test_two_workers_share_one_study(processed_dir, mlflow_uri, tmp_path):
-    _tune(tmp_path, processed_dir, mlflow_uri, "--n-trials", "2", "--workers", "2",
+def test_two_workers_share_one_study(processed, mlflow_uri, tmp_path):
+    _tune(tmp_path, processed, mlflow_uri, "--n-trials", "2", "--workers", "2",
           params=_params(tmp_path, **{"tune.pruner": "none"}))
     trials = _study(tmp_path).trials
     assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
@@ -163,13 +166,13 @@ def test_apply_best_params_keeps_comments(tmp_path):
     p = tmp_path / "params.yaml"
     p.write_text(config.PARAMS_PATH.read_text())
     changed = tune.apply_to_params({"loss.w_adv": 0.0005, "adv.loss": "hinge"}, p)
-    assert changed == ["loss.w_adv: 0.001 -> 0.0005", "adv.loss: modified -> hinge"]
+    assert changed == ["loss.w_adv: 0.001 -> 0.0005", "adv.loss: 'modified' -> 'hinge'"]
     cfg = config.load(p)
     assert cfg.loss.w_adv == 0.0005 and cfg.adv.loss == "hinge"
     text = p.read_text()
     assert "# Per-Pix weight of the adversarial loss" in text and text.count("\n") == \
         config.PARAMS_PATH.read_text().count("\n")
-    with pytest.raises(KeyError, match="loss.nope"):
+    with pytest.raises(config.ConfigError, match="loss.nope"):
         tune.apply_to_params({"loss.nope": 1}, p)
 
 
@@ -180,3 +183,12 @@ def test_zero_trials_is_an_error_not_the_default(processed_dir, mlflow_uri, tmp_
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "--n-trials: 0 must be >= 1" in out.stderr, out.stdout + out.stderr
     assert not (tmp_path / "journal.log").exists()  # nothing was started
+
+
+def test_tune_needs_the_pretrained_srresnet(processed_dir, mlflow_uri, tmp_path):
+    cmd = [sys.executable, str(ROOT / "src" / "tune.py"), "--params", str(_params(tmp_path)),
+           "--storage", str(tmp_path / "journal.log"), "--processed", str(processed_dir),
+           "--srresnet", str(tmp_path / "missing.keras"), "--n-trials", "1"]
+    out = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "dvc repro pretrain" in out.stderr, out.stdout + out.stderr

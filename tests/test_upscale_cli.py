@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from srgan import inference, models
-from srgan.config import ROOT, GeneratorConfig
+from srgan.config import ROOT, GeneratorConfig, section
 
 SCALE = 4
 
@@ -21,7 +21,7 @@ SCALE = 4
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real generator (bicubic skip + custom layers) saved as .keras."""
     path = tmp_path_factory.mktemp("model") / "g.keras"
-    models.build_generator(GeneratorConfig(blocks=1, filters=4), SCALE).save(path)
+    models.build_generator(section(GeneratorConfig, blocks=1, filters=4), SCALE).save(path)
     return path
 
 
@@ -109,7 +109,7 @@ def test_self_ensemble_flag_writes_the_ensemble(tmp_path: Path) -> None:
 
     from srgan import images
 
-    g = models.build_generator(GeneratorConfig(blocks=1, filters=4), SCALE)
+    g = models.build_generator(section(GeneratorConfig, blocks=1, filters=4), SCALE)
     last = g.get_layer("output_conv")  # zero-initialised = plain bicubic, which flips would not change
     rng = np.random.default_rng(1)
     last.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in last.get_weights()])

@@ -1,0 +1,1 @@
+"""SRGAN experiment-tracking workflow: see docs/ARCHITECTURE.md for what each module owns."""

@@ -3,8 +3,8 @@
 ``python src/bench.py`` (``make bench``) prints a table and writes ``reports/bench.json``
 (atomically: a temp file in the same folder, then a rename).
 
-Sections. ``steps``: the generator MSE pre-training step (``Trainer._pretrain``), a D-only update
-(:func:`compile_d_step`) and the full SRGAN step (``Trainer._gan``) on a batch held in memory, per
+Sections. ``steps``: the generator MSE pre-training step (``Trainer.pretrain_step``), a D-only update
+(``Trainer.d_step``) and the full SRGAN step (``Trainer.gan_step``) on a batch held in memory, per
 variant, plus a float32 matmul in the same process (the machine's own limit). ``pipeline``: the
 tf.data pipeline alone (crops/s) and the G step fed by it vs by the in-memory batch. ``upscale``:
 ``inference.upscale`` (tiled, tile/overlap from params) of a 510x339 LR image and of one with 4x the
@@ -65,7 +65,7 @@ import numpy as np
 
 from . import config
 from .config import ROOT, Config
-from .fsutil import read_json, write_json_atomic
+from .dataio import read_json, write_json_atomic
 
 SRC_DIR = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
@@ -400,40 +400,17 @@ def memory_batch(cfg: Config) -> tuple[Any, Any]:
     return lr, hr
 
 
-def compile_d_step(trainer: Any) -> Callable:
-    """A compiled D-only update: fakes from G's forward pass (no G gradients), D's loss, Adam step.
+class BenchSteps:
+    """The trainer's own public steps of both phases (what users run), built for timing."""
 
-    Built from the trainer's own models, adversarial loss and optimizer, compiled the way the
-    trainer compiles its steps (same strategy handling, same ``jit_compile``).
-    """
-    import tensorflow as tf
+    def __init__(self, cfg: Config):
+        from .trainer import Trainer, prepare_runtime
 
-    from . import losses
-
-    cfg, inv = trainer.cfg, 1.0 / trainer.replicas
-
-    def d_replica(lr, hr):
-        sr = tf.stop_gradient(tf.cast(trainer.G(lr, training=False), tf.float32))
-        with tf.GradientTape() as tape:
-            real = tf.cast(trainer.D(hr, training=True), tf.float32)
-            fake = tf.cast(trainer.D(sr, training=True), tf.float32)
-            d_adv = trainer.adv.d_loss(real, fake, label_smoothing=cfg.adv.label_smoothing)
-            gp = tf.constant(0.0)
-            if trainer.adv.needs_gradient_penalty:
-                gp = losses.gradient_penalty(trainer.D, hr, sr, trainer.gp_rng)
-            total = (d_adv + cfg.adv.gp_weight * gp) * inv
-        grads = tape.gradient(total, trainer.D.trainable_variables)
-        trainer.opt_d.apply_gradients(zip(grads, trainer.D.trainable_variables))
-        return {"d_loss": total}
-
-    return trainer._compile(d_replica)
-
-
-def _bare_data() -> Any:
-    """TrainData for step timing: no shards or validation images are read."""
-    from .trainer import TrainData
-
-    return TrainData(Path("."), [])
+        prepare_runtime(cfg)
+        pre, gan = Trainer(cfg, "pretrain"), Trainer(cfg, "gan")
+        self.cfg, self.strategy = cfg, gan.strategy
+        self.G, self.D, self.vgg = gan.G, gan.D, gan.vgg
+        self.steps = {"g_pretrain": pre.pretrain_step, "d_step": gan.d_step, "srgan": gan.gan_step}
 
 
 # =========================================================================== child jobs
@@ -443,14 +420,9 @@ def _run_steps(trainer: Any, names: Sequence[str], timing: dict[str, Any]) -> di
     B, p, s = cfg.train.batch_size, cfg.train.hr_patch, cfg.preprocess.scale
     flops = step_flops(trainer.G, trainer.D, trainer.vgg, B, p, s)
     batch = memory_batch(cfg)
-    fns = {
-        "g_pretrain": lambda: trainer._pretrain,
-        "d_step": lambda: compile_d_step(trainer),
-        "srgan": lambda: trainer._gan,
-    }
     steps = {}
     for name in names:
-        fn = fns[name]()
+        fn = trainer.steps[name]
         with CpuMeter() as meter:
             r = time_calls(lambda fn=fn: fn(batch), **timing)
         r["steps_per_s"] = rate(r["seconds"])
@@ -469,14 +441,12 @@ def child_steps(spec: dict[str, Any]) -> dict[str, Any]:
     (same environment, the G step already compiled: saves a TF start-up on a slow machine).
     """
     _set_threads(spec.get("threads"))
-    from .trainer import Trainer
-
     cfg = config.from_dict(spec["cfg"])
     out: dict[str, Any] = {"tf": _tf_info()}
     mm = [matmul_flops(spec["matmul_n"], spec["matmul_repeats"])]
     if spec.get("target_flops"):
         out["target_flops"] = target_flops(cfg)
-    trainer = Trainer(cfg, _bare_data(), None)
+    trainer = BenchSteps(cfg)
     try:
         out.update(_run_steps(trainer, spec["steps"], spec["timing"]))
     except Exception as exc:  # only the known XLA gap is retried, the rest re-raised
@@ -490,7 +460,7 @@ def child_steps(spec: dict[str, Any]) -> dict[str, Any]:
             "changed": "model.generator.bicubic_skip=false (ResizeBicubic has no XLA kernel)",
         }
         cfg = config.replace(cfg, {"model.generator.bicubic_skip": False})
-        trainer = Trainer(cfg, _bare_data(), None)
+        trainer = BenchSteps(cfg)
         out.update(_run_steps(trainer, spec["steps"], spec["timing"]))
     # matmul again after the steps: contention drifts, so the limit is taken over both samples
     mm.append(matmul_flops(spec["matmul_n"], spec["matmul_repeats"]))
@@ -542,8 +512,8 @@ def pipeline_section(trainer: Any, spec: dict[str, Any]) -> dict[str, Any]:
     mem = next(it)
     t0 = time.perf_counter()
     for _ in range(spec["warmup"]):
-        _sync(trainer._pretrain(mem))
-        _sync(trainer._pretrain(next(it)))
+        _sync(trainer.steps["g_pretrain"](mem))
+        _sync(trainer.steps["g_pretrain"](next(it)))
     # Steps per round: enough for ~round_s seconds, so that a fast step is not timed over a few
     # milliseconds of noise and a slow one does not take minutes.
     step_s = (time.perf_counter() - t0) / (2 * spec["warmup"])
@@ -561,7 +531,7 @@ def pipeline_section(trainer: Any, spec: dict[str, Any]) -> dict[str, Any]:
     def from_memory() -> None:
         t0, c0 = time.perf_counter(), cpu_s()
         for _ in range(k):
-            _sync(trainer._pretrain(mem))
+            _sync(trainer.steps["g_pretrain"](mem))
         mem_t.append((time.perf_counter() - t0) / k)
         mem_cpu.append((cpu_s() - c0) / k)
 
@@ -571,7 +541,7 @@ def pipeline_section(trainer: Any, spec: dict[str, Any]) -> dict[str, Any]:
             tw = time.perf_counter()
             b = next(it)
             wait += time.perf_counter() - tw
-            _sync(trainer._pretrain(b))
+            _sync(trainer.steps["g_pretrain"](b))
         pipe_t.append((time.perf_counter() - t0) / k)
         wait_t.append(wait / k)
 
@@ -683,18 +653,21 @@ def child_upscale(spec: dict[str, Any]) -> dict[str, Any]:
 def child_quality(spec: dict[str, Any]) -> dict[str, Any]:
     """Train the small config for a tiny budget in one precision; validation PSNR-Y/SSIM-Y."""
     _set_threads(spec.get("threads"))
-    from .trainer import TrainData, bicubic_baseline, summarize, train
+    from .trainer import TrainData, summarize, train
 
     cfg = config.from_dict(spec["cfg"])
     data = TrainData.load(Path(spec["processed_dir"]), cfg.train.val_images)
     t0 = time.perf_counter()
-    _, result = train(cfg, data, ckpt_dir=None)
+    pre, _ = train(cfg, "pretrain", data)
+    with tempfile.TemporaryDirectory() as tmp:
+        srresnet = pre.export_generator(Path(tmp) / "srresnet.keras")
+        _, result = train(cfg, "gan", data, init_generator=srresnet, data_offset=cfg.pretrain.steps)
     return {
         "precision": cfg.train.precision,
-        "steps": result.step,
+        "steps": cfg.pretrain.steps + result.step,
         "seconds": time.perf_counter() - t0,
         "val": result.val,
-        "bicubic": bicubic_baseline(data.valid, cfg.preprocess.scale),
+        "bicubic": data.baseline(cfg.preprocess.scale),
         "final_logs": summarize(result.history),
         "val_images": len(data.valid),
     }
@@ -720,9 +693,7 @@ def quality_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def child_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     """The input-pipeline section on its own (when its variant's steps are not timed)."""
     _set_threads(spec.get("threads"))
-    from .trainer import Trainer
-
-    trainer = Trainer(config.from_dict(spec["cfg"]), _bare_data(), None)
+    trainer = BenchSteps(config.from_dict(spec["cfg"]))
     return {"tf": _tf_info(), **pipeline_section(trainer, spec["pipeline"])}
 
 
@@ -1024,8 +995,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "model.generator.blocks": args.quality_blocks,
                 "train.batch_size": args.quality_batch,
                 "train.hr_patch": args.quality_patch,
-                "train.pretrain_steps": args.quality_steps,
-                "train.gan_steps": args.quality_gan_steps,
+                "pretrain.steps": args.quality_steps,
+                "gan.steps": max(args.quality_gan_steps, 1),
                 "train.val_images": 0,
                 "train.log_every": max(args.quality_steps, 1),
                 "train.val_every": 10**9,

@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
-from .config import PARAMS_PATH, ConfigError
+from . import config
+from .config import PARAMS_PATH, ROOT, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +69,23 @@ def run_main(main: Callable[[], object], expected: tuple[type[BaseException], ..
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
+
+
+def stage(main: Callable[[Config, argparse.Namespace], object], doc: str | None, paths: dict[str, str], *,
+          onednn: bool = False, expected: tuple[type[BaseException], ...] = ()) -> None:
+    """Run a DVC stage script: ``--params`` plus one ``--<name> PATH`` option per entry of ``paths``
+    (defaults relative to the project root; dvc.yaml spells them out), logging, the validated config,
+    and one-line errors. ``onednn``: apply ``train.onednn`` before TensorFlow is imported."""
+    ap = parser(doc)
+    for name, default in paths.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", type=Path, default=ROOT / default, help=f"default: {default}")
+    args = ap.parse_args()
+    setup_logging()
+
+    def run() -> None:
+        cfg = config.load(args.params)
+        if onednn:
+            use_onednn(cfg.train.onednn)  # before TensorFlow is imported
+        main(cfg, args)
+
+    run_main(run, expected)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .fsutil import write_text_atomic
+from .dataio import write_text_atomic
 
 COLUMNS = ["run_name", "run_id", "adv.loss", "loss.w_mse", "loss.w_vgg", "loss.w_adv", "vgg.layer",
            "steps", "psnr_y", "ssim_y", "bicubic_psnr_y", "bicubic_ssim_y", "psnr_y_gain", "source"]
@@ -23,15 +23,15 @@ def collect(experiment: str, include_trials: bool = False) -> list[dict[str, Any
     rows = []
     for r in tracking.search_runs(experiment, "attributes.status = 'FINISHED'"):
         tags, p, m = r["tags"], r["params"], r["metrics"]
-        if tags.get("kind") == "tune":  # a tuning session's parent run trains nothing
+        if tags.get("kind") == "tune" or tags.get("phase") == "pretrain":  # no adversarial loss to compare
             continue
         is_trial = "optuna.trial" in tags
         if is_trial and not include_trials:
             continue
         # prefer the evaluate stage's whole-image numbers; fall back to training-time validation
-        if "eval_psnr_y" in m:
-            psnr, ssim, src = m["eval_psnr_y"], m.get("eval_ssim_y"), "evaluate"
-            b_psnr, b_ssim = m.get("eval_bicubic_psnr_y"), m.get("eval_bicubic_ssim_y")
+        if "eval/valid/psnr_y" in m:
+            psnr, ssim, src = m["eval/valid/psnr_y"], m.get("eval/valid/ssim_y"), "evaluate"
+            b_psnr, b_ssim = m.get("eval/valid/bicubic_psnr_y"), m.get("eval/valid/bicubic_ssim_y")
         elif "val_psnr_y" in m:
             psnr, ssim, src = m["val_psnr_y"], m.get("val_ssim_y"), "validation"
             b_psnr, b_ssim = m.get("bicubic_psnr_y"), m.get("bicubic_ssim_y")

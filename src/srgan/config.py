@@ -1,200 +1,264 @@
-"""Typed configuration: params.yaml -> nested dataclasses, validated.
+"""Typed configuration: params.yaml -> validated, immutable pydantic models.
 
-This module is the only reader of params.yaml. Every error names the offending key
-(dotted path) and what is allowed, e.g. ``train.batch_size: expected int, got 'x'``.
+This module is the only reader and writer of params.yaml, and params.yaml is the only place that
+holds a default: the models below declare types, ranges and allowed values, never values. A
+partial config (a test's, a tuning trial's) is an overlay on the project's params.yaml.
+
+Every error names the offending key (dotted path) and what is allowed, e.g.
+``params.yaml: train.batch_size: expected an integer, got '16'``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import hashlib
 import json
-import typing
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-ROOT = Path(__file__).resolve().parents[2]
+
+def _find_root() -> Path:
+    """The project workspace: the nearest folder up from the working directory with a dvc.yaml
+    (DVC runs stages there, also in its temporary experiment copies), else this checkout."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    return Path(__file__).resolve().parents[2]
+
+
+ROOT = _find_root()
 PARAMS_PATH = ROOT / "params.yaml"
+# A wheel install carries the project's params.yaml inside the package (pyproject force-include).
+_PACKAGED_PARAMS = Path(__file__).resolve().parent / "params.yaml"
 
-ADV_LOSSES = (
-    "minimax",
-    "modified",
-    "least_squares",
-    "wasserstein_gp",
-    "hinge",
-    "relativistic_average",
-)
+
+def shared_root() -> Path:
+    """Where state shared across DVC workspaces lives (the tracking store, the download cache).
+
+    ``dvc exp run --temp/--queue`` runs stages in a copy under ``.dvc/tmp/exps/`` that is deleted
+    afterwards; DVC points ``DVC_ROOT`` at the original repository in those runs (and at the
+    workspace itself in ``dvc repro``), so anything meant to outlive the run goes there.
+    """
+    env = os.environ.get("DVC_ROOT")
+    if env and Path(env).is_dir():
+        return Path(env).resolve()
+    return ROOT
+
+
+ADV_LOSSES = ("minimax", "modified", "least_squares", "wasserstein_gp", "hinge", "relativistic_average")
+AdvLoss = Literal[ADV_LOSSES]  # type: ignore[valid-type]
+Schedule = Literal["constant", "step", "cosine"]
+
+# Field markers (in the schema, next to the field, instead of a hand-kept list elsewhere).
+RESUME_SAFE = {"resume_safe": True}  # changing it never changes the trained weights
 
 
 class ConfigError(ValueError):
     """A params value is unknown, of the wrong type or out of range."""
 
 
-def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
-    """Field metadata for a numeric range check."""
-    return {"range": (lo, hi, lo_open)}
+class Section(BaseModel):
+    """A params.yaml section: every key required (params.yaml holds the values), no extras."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def _f(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False):
-    return field(default=default, metadata=_rng(lo, hi, lo_open=lo_open))
+S = TypeVar("S", bound=Section)
 
 
-@dataclass
-class Div2kConfig:
-    base_url: str = "https://data.vision.ee.ethz.ch/cvl/DIV2K/"
-    include_lr: bool = False
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+PosFloat = Annotated[float, Field(gt=0.0)]
 
 
-@dataclass
-class CocoConfig:
-    base_url: str = "http://images.cocodataset.org/zips/"
-    train_archive: Literal["val2017", "train2017"] = "val2017"
-    train_images: int = _f(800, 1)
-    valid_images: int = _f(100, 1)
+class Div2kConfig(Section):
+    base_url: str
+    include_lr: bool
 
 
-@dataclass
-class DataConfig:
-    source: Literal["sample", "div2k", "coco"] = "sample"
-    div2k: Div2kConfig = field(default_factory=Div2kConfig)
-    coco: CocoConfig = field(default_factory=CocoConfig)
+class CocoConfig(Section):
+    base_url: str
+    train_archive: Literal["val2017", "train2017"]
+    train_images: PosInt
+    valid_images: PosInt
 
 
-@dataclass
-class PreprocessConfig:
-    scale: Literal[2, 3, 4] = 4
-    hr_crop: int = _f(256, 8)
-    crops_per_image: int = _f(16, 1)
-    shard_size: int = _f(256, 1)
-    valid_max_side: int = _f(0, 0)
-    workers: int = _f(0, 0)
+class DataConfig(Section):
+    source: Literal["sample", "div2k", "coco"]
+    div2k: Div2kConfig
+    coco: CocoConfig
 
 
-@dataclass
-class GeneratorConfig:
-    blocks: int = _f(8, 0)
-    filters: int = _f(32, 1)
-    batch_norm: bool = False
-    bicubic_skip: bool = True
-    upsampler: Literal["paper", "light"] = "light"
+class PreprocessConfig(Section):
+    scale: Literal[2, 3, 4]
+    hr_crop: Annotated[int, Field(ge=8)]
+    crops_per_image: PosInt
+    shard_size: PosInt
+    valid_max_side: NonNegInt
+    workers: NonNegInt
 
 
-@dataclass
-class DiscriminatorConfig:
-    filters: int = _f(32, 1)
-    dense: int = _f(256, 1)
-    batch_norm: bool = True
+class GeneratorConfig(Section):
+    blocks: NonNegInt
+    filters: PosInt
+    batch_norm: bool
+    bicubic_skip: bool
+    upsampler: Literal["paper", "light"]
 
 
-@dataclass
-class ModelConfig:
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+class DiscriminatorConfig(Section):
+    filters: PosInt
+    dense: PosInt
+    batch_norm: bool
 
 
-@dataclass
-class LossConfig:
-    w_mse: float = _f(1.0, 0.0)
-    w_vgg: float = _f(0.01, 0.0)
-    w_adv: float = _f(0.001, 0.0)
+class ModelConfig(Section):
+    generator: GeneratorConfig
+    discriminator: DiscriminatorConfig
 
 
-@dataclass
-class VggConfig:
-    layer: str = "block2_conv2"
-    weights: Literal["imagenet", "random"] = "random"
-    feature_scale: float = _f(12.75, 0.0, lo_open=True)
+class LossConfig(Section):
+    w_mse: NonNegFloat
+    w_vgg: NonNegFloat
+    w_adv: NonNegFloat
 
 
-@dataclass
-class AdvConfig:
-    loss: Literal[ADV_LOSSES] = "modified"  # type: ignore[valid-type]
-    gp_weight: float = _f(10.0, 0.0)
-    label_smoothing: float = _f(0.0, 0.0, 0.5)
+class VggConfig(Section):
+    layer: str
+    weights: Literal["imagenet", "random"]
+    feature_scale: PosFloat
 
 
-@dataclass
-class TrainConfig:
-    batch_size: int = _f(16, 1)
-    hr_patch: int = _f(64, 4)
-    pretrain_steps: int = _f(3000, 0)
-    gan_steps: int = _f(40, 0)
-    lr_pretrain: float = _f(5e-4, 0.0, lo_open=True)
-    lr_gan: float = _f(1e-4, 0.0, lo_open=True)
-    lr_schedule_pretrain: Literal["constant", "step", "cosine"] = "cosine"
-    lr_schedule: Literal["constant", "step", "cosine"] = "step"
-    lr_decay_every: int = _f(0, 0)
-    lr_decay_factor: float = _f(0.1, 0.0, 1.0, lo_open=True)
-    adam_beta1: float = _f(0.9, 0.0, 1.0)
-    log_every: int = _f(25, 1)
-    val_every: int = _f(500, 1)
-    checkpoint_every: int = _f(100, 1)
-    val_images: int = _f(4, 0)
-    distribute: Literal["auto", "none", "mirrored"] = "auto"
-    jit_compile: bool = False
-    onednn: bool = True
-    precision: Literal["float32", "mixed_bfloat16"] = "float32"
+class AdvConfig(Section):
+    loss: AdvLoss
+    gp_weight: NonNegFloat
+    label_smoothing: Annotated[float, Field(ge=0.0, le=0.5)]
 
 
-@dataclass
-class EvaluateConfig:
-    tile: int = _f(128, 0)
-    tile_overlap: int = _f(24, 0)
-    zoom: int = _f(64, 8)
-    self_ensemble: bool = False
+class TrainConfig(Section):
+    """Settings shared by both training stages (pretrain and the adversarial train stage)."""
+
+    batch_size: PosInt
+    hr_patch: Annotated[int, Field(ge=4)]
+    adam_beta1: Annotated[float, Field(ge=0.0, le=1.0)]
+    log_every: Annotated[int, Field(ge=1, json_schema_extra=RESUME_SAFE)]
+    val_every: Annotated[int, Field(ge=1, json_schema_extra=RESUME_SAFE)]
+    checkpoint_every: Annotated[int, Field(ge=1, json_schema_extra=RESUME_SAFE)]
+    val_images: Annotated[int, Field(ge=0, json_schema_extra=RESUME_SAFE)]
+    distribute: Literal["auto", "none", "mirrored"]
+    jit_compile: bool
+    onednn: Annotated[bool, Field(json_schema_extra=RESUME_SAFE)]
+    precision: Literal["float32", "mixed_bfloat16"]
 
 
-@dataclass
-class TrackingConfig:
-    experiment: str = "srgan"
+class PhaseConfig(Section):
+    """One training phase: its length and its Adam learning-rate schedule."""
+
+    steps: NonNegInt
+    lr: PosFloat
+    lr_schedule: Schedule
+    lr_decay_every: NonNegInt
+    lr_decay_factor: Annotated[float, Field(gt=0.0, le=1.0)]
 
 
-@dataclass
-class TuneConfig:
-    n_trials: int = _f(8, 1)
-    pretrain_steps: int = _f(150, 0)
-    gan_steps: int = _f(60, 1)
-    report_every: int = _f(30, 1)
-    objectives: list[Literal["psnr_y", "ssim_y"]] = field(default_factory=lambda: ["psnr_y"])
-    pruner: Literal["none", "median", "hyperband"] = "median"
-    sampler: Literal["tpe", "random"] = "tpe"
-    w_mse: list[float] = field(default_factory=lambda: [0.01, 10.0])
-    w_vgg: list[float] = field(default_factory=lambda: [1e-4, 1.0])
-    w_adv: list[float] = field(default_factory=lambda: [1e-5, 1e-2])
-    losses: list[Literal[ADV_LOSSES]] = field(default_factory=lambda: list(ADV_LOSSES))  # type: ignore[valid-type]
-    lr_gan: list[float] = field(default_factory=list)
+class EvaluateConfig(Section):
+    tile: NonNegInt
+    tile_overlap: NonNegInt
+    zoom: Annotated[int, Field(ge=8)]
+    self_ensemble: bool
 
 
-@dataclass
-class Config:
-    seed: int = _f(42, 0)
-    data: DataConfig = field(default_factory=DataConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    vgg: VggConfig = field(default_factory=VggConfig)
-    adv: AdvConfig = field(default_factory=AdvConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+class TrackingConfig(Section):
+    experiment: str
 
-    # -- conveniences ---------------------------------------------------------
+
+class TuneConfig(Section):
+    n_trials: PosInt
+    gan_steps: PosInt
+    report_every: PosInt
+    objectives: list[Literal["psnr_y", "ssim_y"]]
+    pruner: Literal["none", "median", "hyperband"]
+    sampler: Literal["tpe", "random"]
+    w_mse: list[PosFloat]
+    w_vgg: list[PosFloat]
+    w_adv: list[PosFloat]
+    losses: list[AdvLoss]
+    lr_gan: list[PosFloat]
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneConfig:
+        for name in ("w_mse", "w_vgg", "w_adv", "lr_gan"):
+            rng = getattr(self, name)
+            if name == "lr_gan" and not rng:
+                continue
+            if len(rng) != 2 or not rng[0] <= rng[1]:
+                raise _error(f"tune.{name}: {rng!r} must be [low, high] with 0 < low <= high (log-uniform)")
+        if not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise _error(f"tune.objectives: {self.objectives!r} must list psnr_y and/or ssim_y once each")
+        if not self.losses:
+            raise _error("tune.losses: must name at least one adversarial loss")
+        return self
+
+
+# The sections a training run is made of (logged whole to its MLflow run); data.*, tune.* and
+# tracking.* describe where data comes from, how to search, and where runs go.
+TRAINING_SECTIONS = ("seed", "preprocess", "model", "loss", "vgg", "adv", "train", "pretrain", "gan", "evaluate")
+
+
+class Config(Section):
+    """The whole of params.yaml."""
+
+    seed: NonNegInt
+    data: DataConfig
+    preprocess: PreprocessConfig
+    model: ModelConfig
+    loss: LossConfig
+    vgg: VggConfig
+    adv: AdvConfig
+    train: TrainConfig
+    pretrain: PhaseConfig
+    gan: PhaseConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+    tune: TuneConfig
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        s, p = self.preprocess.scale, self.train.hr_patch
+        if self.preprocess.hr_crop % s:
+            raise _error(f"preprocess.hr_crop: {self.preprocess.hr_crop} must be a multiple of preprocess.scale ({s})")
+        if p % s:
+            raise _error(f"train.hr_patch: {p} must be a multiple of preprocess.scale ({s})")
+        if p > self.preprocess.hr_crop:
+            raise _error(f"train.hr_patch: {p} is larger than preprocess.hr_crop ({self.preprocess.hr_crop})")
+        return self
+
+    # -- views ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The config as plain nested dicts (what params.yaml would hold)."""
-        return dataclasses.asdict(self)
+        """The config as plain nested dicts (what params.yaml holds)."""
+        return self.model_dump(mode="python")
 
-    def flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, for MLflow params."""
-        return flatten(self.to_dict())
+    def flat(self, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Dotted keys -> values (of ``sections`` only, if given), for MLflow params."""
+        d = self.to_dict()
+        return flatten({k: v for k, v in d.items() if sections is None or k in sections})
 
-    def digest(self) -> str:
-        """SHA-256 of the canonical JSON of the whole config (the params digest)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()
+    def run_params(self) -> dict[str, Any]:
+        """What a training run logs: the training sections, flattened."""
+        return self.flat(TRAINING_SECTIONS)
+
+    def digest(self, sections: tuple[str, ...] | None = None) -> str:
+        """SHA-256 of the canonical JSON of the config (or of ``sections``): the params digest."""
+        d = self.to_dict()
+        d = {k: v for k, v in d.items() if sections is None or k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -211,119 +275,163 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
+def resume_safe_keys(model: type[BaseModel] = Config, prefix: str = "") -> set[str]:
+    """Dotted keys marked RESUME_SAFE in the schema (they never change trained weights)."""
+    out: set[str] = set()
+    for name, f in model.model_fields.items():
+        tp = f.annotation
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            out |= resume_safe_keys(tp, f"{prefix}{name}.")
+        elif any(getattr(m, "json_schema_extra", None) == RESUME_SAFE for m in f.metadata) or (
+                f.json_schema_extra == RESUME_SAFE):
+            out.add(prefix + name)
+    return out
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against type ``tp``; return it (ints accepted for floats)."""
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping (section), got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is Literal:
-        allowed = get_args(tp)
-        # bool is an int subclass: never let `true` pass for 1
-        if isinstance(value, bool) or value not in allowed:
-            raise ConfigError(
-                f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}"
-            )
-        return value
-    if origin is list:
-        (item_tp,) = get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
-        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+# --------------------------------------------------------------------------- errors
+def _error(message: str) -> PydanticCustomError:
+    """A cross-field error whose message already names its key (kept verbatim)."""
+    return PydanticCustomError("config", message)
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key; allowed keys under "
-            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}"
-        )
-    kwargs = {}
-    for name, value in data.items():
-        key = prefix + name
-        converted = _convert(value, hints[name], key)
-        lo, hi, lo_open = fields[name].metadata.get("range", (None, None, False))
-        if lo is not None and (converted < lo or (lo_open and converted == lo)):
-            bound = f"> {lo}" if lo_open else f">= {lo}"
-            raise ConfigError(f"{key}: {converted!r} is out of range; allowed: {bound}")
-        if hi is not None and converted > hi:
-            raise ConfigError(f"{key}: {converted!r} is out of range; allowed: <= {hi}")
-        kwargs[name] = converted
-    return cls(**kwargs)
-
-
-def _check(cfg: Config) -> None:
-    """Cross-field checks that single-field ranges cannot express."""
-    s = cfg.preprocess.scale
-    if cfg.preprocess.hr_crop % s:
-        raise ConfigError(f"preprocess.hr_crop: {cfg.preprocess.hr_crop} must be a multiple of preprocess.scale ({s})")
-    if cfg.train.hr_patch % s:
-        raise ConfigError(f"train.hr_patch: {cfg.train.hr_patch} must be a multiple of preprocess.scale ({s})")
-    if cfg.train.hr_patch > cfg.preprocess.hr_crop:
-        raise ConfigError(
-            f"train.hr_patch: {cfg.train.hr_patch} is larger than preprocess.hr_crop ({cfg.preprocess.hr_crop})"
-        )
-    for name in ("w_mse", "w_vgg", "w_adv", "lr_gan"):
-        rng = getattr(cfg.tune, name)
-        if name == "lr_gan" and not rng:
+def _field_type(loc: tuple[Any, ...]) -> Any:
+    """The annotation at ``loc`` in the Config schema (list items and sections followed)."""
+    tp: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            args = get_args(tp)
+            tp = args[0] if args else tp
             continue
-        if len(rng) != 2 or not 0 < rng[0] <= rng[1]:
-            raise ConfigError(f"tune.{name}: {rng!r} must be [low, high] with 0 < low <= high (log-uniform)")
-    if not cfg.tune.objectives or len(set(cfg.tune.objectives)) != len(cfg.tune.objectives):
-        raise ConfigError(f"tune.objectives: {cfg.tune.objectives!r} must list psnr_y and/or ssim_y once each")
-    if not cfg.tune.losses:
-        raise ConfigError("tune.losses: must name at least one adversarial loss")
+        while get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        if not (isinstance(tp, type) and issubclass(tp, BaseModel)) or part not in tp.model_fields:
+            return None
+        tp = tp.model_fields[part].annotation
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
 
 
-def from_dict(data: dict[str, Any] | None) -> Config:
-    """Build and validate a Config from a (partial) nested dict."""
-    cfg = _build(Config, data or {})
-    _check(cfg)
-    return cfg
+def _key(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def load(path: str | Path = PARAMS_PATH, overrides: dict[str, Any] | None = None) -> Config:
-    """Load params.yaml (plus dotted-key ``overrides``) into a validated Config."""
-    path = Path(path)
+def _message(err: dict[str, Any]) -> str:
+    """One pydantic error as ``key: what is wrong; what is allowed``."""
+    loc, kind, value = tuple(err["loc"]), err["type"], err.get("input")
+    key = _key(loc)
+    if kind == "config":
+        return err["msg"]
+    if kind == "extra_forbidden":
+        parent = _field_type(loc[:-1])
+        allowed = ", ".join(parent.model_fields) if parent is not None else "?"
+        return f"{key}: unknown key; allowed keys under {_key(loc[:-1]) or 'the top level'}: {allowed}"
+    if kind == "missing":
+        return f"{key}: missing; params.yaml must set every key (see the project's params.yaml)"
+    if kind == "literal_error":
+        allowed = get_args(_field_type(loc)) or ()
+        return f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"{key}: expected an integer, got {value!r}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{key}: expected true or false, got {value!r}"
+    if kind in ("float_type", "float_parsing"):
+        return f"{key}: expected a number, got {value!r}"
+    if kind in ("string_type",):
+        return f"{key}: expected a string, got {value!r}"
+    if kind in ("list_type",):
+        return f"{key}: expected a list, got {value!r}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{key}: expected a mapping (section), got {value!r}"
+    bounds = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+              "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+    if kind in bounds:
+        op, name = bounds[kind]
+        shown = float(value) if _field_type(loc) is float else value
+        return f"{key}: {shown!r} is out of range; allowed: {op} {err['ctx'][name]}"
+    return f"{key}: {err['msg']}"
+
+
+# --------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def default_params_path() -> Path:
+    """The project's params.yaml (the defaults): the workspace's, else the one in the package."""
+    return PARAMS_PATH if PARAMS_PATH.is_file() else _PACKAGED_PARAMS
+
+
+def _section_key(cls: type[Section], model: type[BaseModel] = Config, prefix: str = "") -> str | None:
+    for name, f in model.model_fields.items():
+        tp = f.annotation
+        if tp is cls:
+            return prefix + name
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            found = _section_key(cls, tp, f"{prefix}{name}.")
+            if found:
+                return found
+    return None
+
+
+def section(cls: type[S], **values: Any) -> S:
+    """A validated section (e.g. ``section(GeneratorConfig, blocks=1)``): the given values, the
+    project's params.yaml for the rest (for code and tests that need one section, not a Config)."""
+    key = _section_key(cls)
+    if key is None:
+        raise TypeError(f"{cls.__name__} is not a section of Config")
+    node: Any = _read_yaml(default_params_path())
+    for part in key.split("."):
+        node = node[part]
+    try:
+        return cls.model_validate({**node, **values})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(_message({**err, "loc": (*key.split("."), *err["loc"])})) from None
+
+
+def validate(data: dict[str, Any]) -> Config:
+    """A Config from a complete nested dict; ConfigError naming the first bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_message(exc.errors()[0])) from None
+
+
+def from_dict(data: dict[str, Any] | None, base: Path | None = None) -> Config:
+    """A Config from a (partial) nested dict laid over ``base`` (default: the project's params.yaml)."""
+    merged = _read_yaml(base or default_params_path())
+    _merge(merged, data or {})
+    return validate(merged)
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load params.yaml (plus dotted-key ``overrides``) into a validated Config."""
+    path = Path(path) if path else PARAMS_PATH
+    data = _read_yaml(path)
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
     try:
-        return from_dict(data)
+        return validate(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -342,4 +450,41 @@ def replace(cfg: Config, overrides: dict[str, Any]) -> Config:
     data = cfg.to_dict()
     for dotted, value in overrides.items():
         set_dotted(data, dotted, value)
-    return from_dict(data)
+    return validate(data)
+
+
+def edit_params(path: str | Path, overrides: dict[str, Any]) -> list[str]:
+    """Write dotted-key values into a params file in place, keeping its comments and layout.
+
+    The result is validated before anything is written; returns ``key: old -> new`` lines.
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    rt = YAML()  # round-trip mode: comments, order and quoting survive
+    rt.preserve_quotes = True
+    rt.width = 4096
+    doc = rt.load(path.read_text())
+    changed = []
+    for dotted, value in overrides.items():
+        *parents, last = dotted.split(".")
+        node = doc
+        for p in parents:
+            if not isinstance(node, dict) or p not in node:
+                raise ConfigError(f"{dotted}: not found in {path}")
+            node = node[p]
+        if not isinstance(node, dict) or last not in node:
+            raise ConfigError(f"{dotted}: not found in {path}")
+        changed.append(f"{dotted}: {node[last]!r} -> {value!r}")
+        node[last] = value
+    import io
+
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    text = buf.getvalue()
+    validate(yaml.safe_load(text))  # never write a params file that would not load
+
+    from .dataio import write_text_atomic
+
+    write_text_atomic(path, text)
+    return changed

@@ -33,7 +33,7 @@ import requests
 import urllib3
 from tqdm import tqdm
 
-from .fsutil import write_json_atomic
+from .dataio import sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +74,6 @@ class Archive:
 def url_for(base_url: str, name: str) -> str:
     """``base_url`` joined with ``name`` (a missing trailing slash on the base is tolerated)."""
     return base_url.rstrip("/") + "/" + name
-
-
-def sha256_file(path: Path, chunk: int = CHUNK) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- verified-file sidecar ------------------------------------------------------------------------

@@ -1,124 +1,134 @@
-"""Evaluate stage core: the generator on every whole validation image, against bicubic.
+"""Evaluate stage core: every method (bicubic, the SRResNet, the SRGAN) on every evaluation set.
 
-Writes reports/metrics.json (DVC metrics), reports/per_image.csv, comparison images under
-reports/eval/, and returns the metrics so the caller can log them to the model's MLflow run.
+One scoring path for the whole project: :func:`score_pair` (PSNR-Y, SSIM-Y, PSNR-RGB in the
+published convention, see ``metrics``) is what training validation, this stage, tuning and the
+study report all call. Writes reports/metrics.json (DVC metrics; per set, per method),
+reports/per_image.csv, comparison images under reports/eval/, and returns the same numbers so
+the caller can log them to each model's MLflow run.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 
-from . import images, inference, metrics
-from .config import Config
-from .fsutil import write_json_atomic
+from . import dataio, images, metrics, viz
+from .config import EvaluateConfig
+from .dataio import Pair
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("psnr_y", "ssim_y", "psnr_rgb")
+HIGHER_IS_BETTER = {"psnr_y": True, "ssim_y": True, "psnr_rgb": True, "niqe": False}
+BASELINE = "bicubic"
+ENSEMBLE_SUFFIX = "_x8"  # a generator scored with the 8-way self-ensemble
+COMPARISONS_PER_SET = 6  # comparison images written per evaluation set (keeps reports light)
+
+Upscaler = Callable[[np.ndarray, int], np.ndarray]  # (lr uint8, scale) -> sr uint8
 
 
-def iter_valid(processed_dir: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, lr, hr) of every validation image, one at a time (bounded memory)."""
-    hr_dir = Path(processed_dir) / "valid" / "hr"
-    lr_dir = Path(processed_dir) / "valid" / "lr"
-    files = sorted(hr_dir.glob("*.png"))
-    if not files:
-        raise FileNotFoundError(f"no validation images in {hr_dir}: run the preprocess stage first")
-    for hr_path in files:
-        yield hr_path.stem, images.load_rgb(lr_dir / hr_path.name), images.load_rgb(hr_path)
+def score_pair(sr: np.ndarray, hr: np.ndarray, scale: int) -> dict[str, float]:
+    """The metrics of one SR/HR uint8 pair (border = ``scale``)."""
+    return metrics.evaluate_pair(sr, hr, scale)
 
 
-def detail_box(hr: np.ndarray, size: int) -> tuple[int, int]:
-    """Top-left of the ``size`` square with the most gradient energy: where SR methods differ most."""
-    y = hr.astype(np.float32).mean(axis=2)
-    energy = np.abs(np.diff(y, axis=0))[:, :-1] + np.abs(np.diff(y, axis=1))[:-1, :]
-    size = min(size, energy.shape[0], energy.shape[1])
-    # integral image: the energy of every window in O(HW)
-    ii = np.pad(energy.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    win = ii[size:, size:] - ii[:-size, size:] - ii[size:, :-size] + ii[:-size, :-size]
-    r, c = np.unravel_index(np.argmax(win), win.shape)
-    return int(r), int(c)
+def mean_scores(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Mean of every metric present in all ``rows``."""
+    keys = [k for k in rows[0] if all(k in r for r in rows)] if rows else []
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys if isinstance(rows[0][k], (int, float))}
 
 
-def comparison_image(lr: np.ndarray, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray,
-                     zoom: int) -> np.ndarray:
-    """Top row LR (nearest) | bicubic | SR | HR; bottom row the same zoomed detail, enlarged."""
-    from .trainer import image_grid
-
-    top = image_grid(lr, bicubic, sr, hr)
-    r, c = detail_box(hr, zoom)
-    z = min(zoom, hr.shape[0], hr.shape[1])
-    s = hr.shape[0] // lr.shape[0]
-    crops = [np.repeat(np.repeat(lr, s, 0), s, 1), bicubic, sr, hr]
-    crops = [im[r:r + z, c:c + z] for im in crops]
-    # enlarge the detail so it spans the width of one panel (nearest: show pixels as they are)
-    f = max(1, hr.shape[1] // z)
-    crops = [np.repeat(np.repeat(x, f, 0), f, 1) for x in crops]
-    sep = np.full((crops[0].shape[0], 4, 3), 255, np.uint8)
-    bottom = np.concatenate([crops[0], sep, crops[1], sep, crops[2], sep, crops[3]], axis=1)
-    pad = top.shape[1] - bottom.shape[1]
-    bottom = np.pad(bottom, ((0, 0), (0, max(pad, 0)), (0, 0)), constant_values=255)[:, : top.shape[1]]
-    # mark the detail box on the HR panel of the top row
-    top = top.copy()
-    x0 = 3 * (hr.shape[1] + 4) + c
-    color = np.array([255, 0, 0], np.uint8)
-    top[r, x0:x0 + z] = top[min(r + z - 1, hr.shape[0] - 1), x0:x0 + z] = color
-    top[r:r + z, x0] = top[r:r + z, min(x0 + z - 1, top.shape[1] - 1)] = color
-    band = np.full((6, top.shape[1], 3), 255, np.uint8)
-    return np.concatenate([top, band, bottom], axis=0)
+def bicubic_scores(pairs: Iterable[Pair], scale: int) -> list[dict[str, float]]:
+    """Per-image metrics of the bicubic baseline."""
+    return [score_pair(images.upscale_bicubic(p.lr, scale), p.hr, scale) for p in pairs]
 
 
-def evaluate(cfg: Config, model_path: Path, processed_dir: Path, reports_dir: Path) -> dict:
-    """Run the generator over all validation images; write the metric files; return the summary."""
+def generator_upscaler(model: Any, ev: EvaluateConfig, self_ensemble: bool = False) -> Upscaler:
+    """Whole-image tiled upscaling with a generator, as evaluation runs it."""
+    from . import inference
+
+    def run(lr: np.ndarray, scale: int) -> np.ndarray:
+        return inference.upscale(model, lr, scale, tile=ev.tile, overlap=ev.tile_overlap, self_ensemble=self_ensemble)
+
+    return run
+
+
+def evaluate_sets(methods: Mapping[str, Upscaler], sets: Mapping[str, Path], scale: int, out_dir: Path,
+                  zoom: int, shown: Sequence[str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score every method on every image of every set.
+
+    ``methods``: name -> upscaler (bicubic included by the caller); ``sets``: name -> folder with
+    hr/ and lr/. Writes ``out_dir/<set>/<image>_compare.png`` for the first images of each set,
+    showing the methods named in ``shown`` (default: all). Returns (summary, per-image rows): the
+    summary holds, per set, ``n_images`` and per method the mean of each metric plus, for every
+    method but bicubic, ``<metric>_gain`` over bicubic.
+    """
+    summary: dict[str, Any] = {"scale": scale}
+    rows: list[dict[str, Any]] = []
+    shown = list(shown or methods)
+    for set_name, folder in sets.items():
+        per_method: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+        for i, p in enumerate(dataio.iter_pairs(folder)):
+            outputs = {m: fn(p.lr, scale) for m, fn in methods.items()}
+            row: dict[str, Any] = {"set": set_name, "name": p.name}
+            for m, sr in outputs.items():
+                s = score_pair(sr, p.hr, scale)
+                per_method[m].append(s)
+                row.update({f"{m}_{k}": v for k, v in s.items()})
+            rows.append(row)
+            if i < COMPARISONS_PER_SET:
+                panels = [outputs[m] for m in shown if m in outputs]
+                images.save_png(Path(out_dir) / set_name / f"{p.name}_compare.png",
+                                viz.comparison_panels(p.lr, panels, p.hr, zoom))
+            log.info("%s/%s: %s", set_name, p.name, ", ".join(
+                f"{m} {row[f'{m}_psnr_y']:.2f} dB" for m in methods))
+        block: dict[str, Any] = {"n_images": len(per_method[next(iter(methods))])}
+        base = mean_scores(per_method[BASELINE]) if BASELINE in per_method else {}
+        for m, scores in per_method.items():
+            means = mean_scores(scores)
+            if m != BASELINE and base:
+                means.update({f"{k}_gain": means[k] - base[k] for k in list(means) if k in base})
+            block[m] = means
+        summary[set_name] = block
+    return summary, rows
+
+
+def evaluate(ev: EvaluateConfig, scale: int, generators: Mapping[str, Path], sets: Mapping[str, Path],
+             reports_dir: Path) -> dict[str, Any]:
+    """The evaluate stage: bicubic and each generator file (name -> .keras) on every set.
+
+    Writes reports/metrics.json, reports/per_image.csv and reports/eval/; returns the summary.
+    """
     from . import models
 
-    scale, ev = cfg.preprocess.scale, cfg.evaluate
-    reports_dir = Path(reports_dir)
-    eval_dir = reports_dir / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    model = models.load_generator(model_path)
-    rows = []
-    for name, lr, hr in iter_valid(processed_dir):
-        sr = inference.upscale(model, lr, scale, tile=ev.tile, overlap=ev.tile_overlap)
-        bic = images.upscale_bicubic(lr, scale)
-        m_sr = metrics.evaluate_pair(sr, hr, scale)
-        m_bic = metrics.evaluate_pair(bic, hr, scale)
-        row = {"name": name, **m_sr, **{f"bicubic_{k}": v for k, v in m_bic.items()}}
+    methods: dict[str, Upscaler] = {BASELINE: images.upscale_bicubic}
+    for name, path in generators.items():
+        model = models.load_generator(path)
+        methods[name] = generator_upscaler(model, ev)
         if ev.self_ensemble:
-            # reported next to, never instead of, the single-pass figures: it costs 8 passes
-            sr8 = inference.upscale(model, lr, scale, tile=ev.tile, overlap=ev.tile_overlap,
-                                    self_ensemble=True)
-            row.update({f"x8_{k}": v for k, v in metrics.evaluate_pair(sr8, hr, scale).items()})
-        rows.append(row)
-        images.save_png(eval_dir / f"{name}_compare.png", comparison_image(lr, bic, sr, hr, ev.zoom))
-        images.save_png(eval_dir / f"{name}_sr.png", sr)
-        log.info("%s: PSNR-Y %.2f dB (bicubic %.2f), SSIM-Y %.4f (bicubic %.4f)", name,
-                 m_sr["psnr_y"], m_bic["psnr_y"], m_sr["ssim_y"], m_bic["ssim_y"])
-    summary: dict = {"n_images": len(rows), "scale": scale}
-    for k in METRIC_KEYS:
-        for prefix in ("", "bicubic_", "x8_"):
-            if f"{prefix}{k}" in rows[0]:
-                summary[f"{prefix}{k}"] = float(np.mean([r[f"{prefix}{k}"] for r in rows]))
-    summary["psnr_y_gain"] = summary["psnr_y"] - summary["bicubic_psnr_y"]
-    if "x8_psnr_y" in summary:
-        summary["x8_psnr_y_gain"] = summary["x8_psnr_y"] - summary["bicubic_psnr_y"]
-    summary["ssim_y_gain"] = summary["ssim_y"] - summary["bicubic_ssim_y"]
-    write_per_image(reports_dir / "per_image.csv", rows)
-    write_json_atomic(reports_dir / "metrics.json", summary)
-    return {"summary": summary, "rows": rows}
+            # reported next to, never instead of, the single pass: it costs 8 passes
+            methods[name + ENSEMBLE_SUFFIX] = generator_upscaler(model, ev, self_ensemble=True)
+    shown = [m for m in methods if not m.endswith(ENSEMBLE_SUFFIX)]
+    reports_dir = Path(reports_dir)
+    summary, rows = evaluate_sets(methods, sets, scale, reports_dir / "eval", ev.zoom, shown)
+    dataio.write_csv_atomic(reports_dir / "per_image.csv", rows, float_format=".6f")
+    dataio.write_json_atomic(reports_dir / "metrics.json", summary)
+    return summary
 
 
-def write_per_image(path: Path, rows: list[dict]) -> None:
-    """Per-image table (CSV), written atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp.replace(path)
+def run_metrics(summary: Mapping[str, Any], method: str) -> dict[str, float]:
+    """The flat MLflow metrics of one method: ``eval/<set>/<metric>`` (+ the bicubic baseline's)."""
+    out: dict[str, float] = {}
+    for set_name, block in summary.items():
+        if not isinstance(block, dict):
+            continue
+        for m, prefix in ((method, ""), (method + ENSEMBLE_SUFFIX, "x8_"), (BASELINE, "bicubic_")):
+            for k, v in block.get(m, {}).items():
+                if m == BASELINE and k.endswith("_gain"):
+                    continue
+                out[f"eval/{set_name}/{prefix}{k}"] = v
+    return out

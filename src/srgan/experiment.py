@@ -1,34 +1,43 @@
-"""A training run as an MLflow run: the glue between ``trainer.train`` and ``tracking``.
+"""A training phase as an MLflow run: the glue between ``trainer.train`` and ``tracking``.
 
-Used by the train stage (one run per `dvc repro`) and by every tuning trial (a nested run).
+Used by the pretrain and train stages (one run each per `dvc repro`), by every tuning trial (a
+nested run) and by the study. Resume: a killed run continues in the same MLflow run when the
+params digest is the same (``trainer.TrainState`` knows the run); a finished run is never reopened.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from . import tracking
+from . import dataio, tracking
 from .config import Config
-from .fsutil import read_json, write_json_atomic
-from .trainer import Callback, TrainData, TrainResult, export_generator, train
+from .dataio import HISTORY_NAME, SUMMARY_NAME
+from .trainer import PHASE_PARAMS, Callback, Phase, TrainData, TrainResult, TrainState, train, training_digest
 
 log = logging.getLogger(__name__)
+
+
+
+def phase_params(cfg: Config, phase: Phase) -> dict[str, Any]:
+    """The flat params a phase's run logs: exactly what the phase reads."""
+    flat = cfg.flat()
+    keys = PHASE_PARAMS[phase]
+    return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
 
 
 class MlflowCallback(Callback):
     """Logs params, per-interval losses, validation metrics and image grids to one run."""
 
-    def __init__(self, run: tracking.Run, baseline: dict[str, float]):
-        self.run, self.baseline = run, baseline
+    def __init__(self, run: tracking.Run, phase: Phase, baseline: dict[str, float]):
+        self.run, self.phase, self.baseline = run, phase, baseline
 
     def on_train_begin(self, cfg: Config, start_step: int, total_steps: int) -> None:
-        self.run.log_params(cfg.flat())
+        self.run.log_params(phase_params(cfg, self.phase))
         self.run.log_metrics(self.baseline, step=0)
         if start_step:
             self.run.set_tags({"resumed_from_step": start_step})
@@ -36,7 +45,7 @@ class MlflowCallback(Callback):
     def on_log(self, step: int, logs: dict[str, float]) -> None:
         self.run.log_metrics(logs, step=step)
 
-    def on_validation(self, step: int, metrics: dict[str, float], grid: np.ndarray) -> None:
+    def on_validation(self, step: int, metrics: dict[str, float], grid: np.ndarray | None) -> None:
         gain = {"val_psnr_y_gain": metrics["val_psnr_y"] - self.baseline["bicubic_psnr_y"]}
         self.run.log_metrics({**metrics, **gain}, step=step)
         if grid is not None:
@@ -44,33 +53,37 @@ class MlflowCallback(Callback):
 
 
 class HistoryWriter(Callback):
-    """Training curves as CSV for `dvc plots` (rewritten atomically at every log)."""
+    """Training curves as CSV for `dvc plots`, rewritten atomically at every log.
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    ``keep`` is a second copy in the resumable state folder: DVC deletes a stage's outputs before
+    it re-runs the stage, so after a kill the curve so far is read back from there.
+    """
+
+    def __init__(self, path: Path, keep: Path | None = None):
+        self.path, self.keep = Path(path), Path(keep) if keep else None
         self.rows: list[dict[str, float]] = []
 
     def on_train_begin(self, cfg: Config, start_step: int, total_steps: int) -> None:
-        if start_step and self.path.exists():  # keep the curve of the interrupted part
-            with self.path.open() as f:
-                self.rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)
-                             if float(r["step"]) <= start_step]
+        self.rows = []
+        if start_step:
+            for src in (self.path, self.keep):
+                old = [{k: float(v) for k, v in r.items() if v not in ("", None)}
+                       for r in dataio.read_csv(src)] if src else []
+                if old:
+                    self.rows = [r for r in old if r.get("step", 0) <= start_step]
+                    break
 
     def _write(self) -> None:
         keys = sorted({k for r in self.rows for k in r}, key=lambda k: (k != "step", k))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-        tmp.replace(self.path)
+        for dst in (self.path, self.keep):
+            if dst is not None:
+                dataio.write_csv_atomic(dst, self.rows, keys)
 
     def on_log(self, step: int, logs: dict[str, float]) -> None:
         self.rows.append({"step": step, **logs})
         self._write()
 
-    def on_validation(self, step: int, metrics: dict[str, float], grid: np.ndarray) -> None:
+    def on_validation(self, step: int, metrics: dict[str, float], grid: np.ndarray | None) -> None:
         if self.rows and self.rows[-1]["step"] == step:
             self.rows[-1].update(metrics)
         else:
@@ -80,51 +93,56 @@ class HistoryWriter(Callback):
 
 def run_training(
     cfg: Config,
+    phase: Phase,
     data: TrainData,
-    model_path: Path | None,
-    ckpt_dir: Path | None = None,
+    model_path: Path | None = None,
+    ckpt_root: Path | None = None,
     reports_dir: Path | None = None,
     callbacks: Sequence[Callback] = (),
     parent_run_id: str | None = None,
     run_name: str | None = None,
     extra_tags: dict[str, object] | None = None,
     exception_status: dict[type, str] | None = None,
+    init_generator: Path | None = None,
+    data_offset: int = 0,
 ) -> tuple[str, TrainResult]:
-    """Train under an MLflow run (resumed if ``ckpt_dir`` remembers one); returns (run id, result).
+    """Train one phase under an MLflow run; returns (run id, result).
 
-    On success the generator is saved to ``model_path`` and logged as the run's artifact
-    ``model/generator.keras``. A failure (e.g. a NaN loss) marks the run FAILED and re-raises.
+    ``ckpt_root`` holds the resumable state (see ``trainer.TrainState``). On success the generator
+    is saved to ``model_path`` and logged as the run's artifact ``model/generator.keras``, and
+    ``reports_dir`` gets history.csv and summary.json. A failure (e.g. a NaN loss) marks the run
+    FAILED and re-raises.
     """
-    state_path = Path(ckpt_dir) / "state.json" if ckpt_dir else None
-    state = read_json(state_path, {}) if state_path else {}
-    run = None
-    if state.get("run_id"):
-        run = tracking.resume_run(state["run_id"])
-        if run is not None:
-            log.info("continuing MLflow run %s", run.run_id)
-    if run is None:
-        run = tracking.start_run(
-            cfg.tracking.experiment, run_name=run_name, parent_run_id=parent_run_id,
-            tags={**tracking.config_tags(cfg, data.manifest_digest), "adv.loss": cfg.adv.loss,
-                  **(extra_tags or {})},
-        )
-    if state_path is not None:
-        write_json_atomic(state_path, {**read_json(state_path, {}), "run_id": run.run_id})
+    init_digest = dataio.sha256_file(init_generator) if init_generator else None
+    state = (TrainState(ckpt_root, phase, training_digest(cfg, phase, data.manifest_digest, init_digest))
+             if ckpt_root is not None else None)
+    run = tracking.resume_run(state.run_id) if state is not None and state.run_id else None
+    if run is not None:
+        log.info("continuing MLflow run %s", run.run_id)
+    else:
+        tags = {**tracking.config_tags(cfg, data.manifest_digest), "phase": phase, **(extra_tags or {})}
+        if phase == "gan":
+            tags["adv.loss"] = cfg.adv.loss
+        run = tracking.start_run(cfg.tracking.experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+    if state is not None:
+        state.bind_run(run.run_id)
     baseline = data.baseline(cfg.preprocess.scale)
-    cbs: list[Callback] = [MlflowCallback(run, baseline), *callbacks]
+    cbs: list[Callback] = [MlflowCallback(run, phase, baseline), *callbacks]
     if reports_dir is not None:
-        cbs.append(HistoryWriter(Path(reports_dir) / "history.csv"))
+        cbs.append(HistoryWriter(Path(reports_dir) / HISTORY_NAME, state.dir / HISTORY_NAME if state else None))
     started = time.time()
     with tracking.run_context(run, exception_status):
         run.log_dict(cfg.to_dict(), "config/params.json")
-        trainer, result = train(cfg, data, ckpt_dir, cbs)
+        trainer, result = train(cfg, phase, data, state, cbs, init_generator=init_generator, data_offset=data_offset)
         summary = {**baseline, **result.val, "train_seconds_this_session": time.time() - started,
                    "total_steps": result.total_steps, "resumed_from": result.resumed_from}
         run.log_metrics({"total_steps": result.total_steps}, step=result.step)  # for compare.py
         if model_path is not None:
-            export_generator(trainer, model_path)
+            trainer.export_generator(model_path)
             run.log_artifact(model_path, "model")
         if reports_dir is not None:
-            write_json_atomic(Path(reports_dir) / "train_summary.json", {"run_id": run.run_id, **summary})
-            run.log_artifact(Path(reports_dir) / "history.csv", "train")
+            dataio.write_json_atomic(Path(reports_dir) / SUMMARY_NAME, {"run_id": run.run_id, **summary})
+            run.log_artifact(Path(reports_dir) / HISTORY_NAME, "train")
+    if state is not None:
+        state.mark_complete()
     return run.run_id, result

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
@@ -199,17 +198,9 @@ def upscale_bicubic(lr: np.ndarray, scale: int) -> np.ndarray:
 
 def save_png(path: PathLike, arr: np.ndarray) -> None:
     """Write ``uint8`` HxWx3 (or HxW) as PNG atomically (temp file in the same folder + rename)."""
+    from .dataio import atomic_write
+
     path = Path(path)
     arr = _check_image(arr, f"save_png {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")

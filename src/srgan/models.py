@@ -176,6 +176,37 @@ def load_generator(path: str | Path) -> keras.Model:
     return keras.models.load_model(str(path), safe_mode=True, compile=False)
 
 
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: a fixed one for every member
+
+
+def save_generator(model: keras.Model, path: str | Path) -> Path:
+    """Save a generator as a ``.keras`` file atomically and byte-stably.
+
+    Keras stamps the save time into the archive (``metadata.json``'s ``date_saved`` and the weights
+    member's zip timestamp), so equal weights would give different bytes and DVC would re-run
+    everything downstream. The archive is rewritten without them; Keras loads it as before.
+    """
+    import json
+    import zipfile
+
+    from srgan.dataio import atomic_path
+
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp) as src:
+            members = [(info, src.read(info)) for info in src.infolist()]
+        with zipfile.ZipFile(tmp, "w") as dst:
+            for info, data in members:
+                if info.filename == "metadata.json":
+                    meta = json.loads(data)
+                    meta.pop("date_saved", None)
+                    data = json.dumps(meta, sort_keys=True).encode()
+                stable = zipfile.ZipInfo(info.filename, date_time=ZIP_EPOCH)
+                stable.compress_type, stable.external_attr = info.compress_type, info.external_attr
+                dst.writestr(stable, data)
+    return Path(path)
+
+
 def _concrete_shapes(model: keras.Model, input_shape: tuple[int, ...]) -> dict[int, tuple]:
     """Propagate a concrete input shape through a single-input functional model.
 

@@ -19,13 +19,12 @@ reading them, within the epoch only serialized records are read (no decoding/aug
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from . import images
+from . import dataio
 
 CYCLE_LENGTH = 8  # shard files read concurrently (mixes crops of different source images)
 _EPOCH_STRIDE = 2**32  # global record index = epoch * stride + position in epoch
@@ -33,18 +32,11 @@ _EPOCH_STRIDE = 2**32  # global record index = epoch * stride + position in epoc
 _STREAM_FILES, _STREAM_WINDOW, _STREAM_AUG = 1, 2, 3
 
 
-def _manifest(shard_dir: Path) -> dict:
-    try:
-        return json.loads((shard_dir.parent / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def count_records(shard_dir: Path) -> int:
     """Crops in ``shard_dir``: from manifest.json when it matches the files, else by reading them."""
     shard_dir = Path(shard_dir)
     files = sorted(shard_dir.glob("*.tfrecord"))
-    shards = _manifest(shard_dir).get("shards")
+    shards = dataio.read_manifest(shard_dir.parent).get("shards")
     if isinstance(shards, list) and {s.get("name") for s in shards} == {f.name for f in files}:
         return int(sum(s["crops"] for s in shards))
     ds = tf.data.TFRecordDataset([str(f) for f in files])
@@ -79,7 +71,7 @@ def train_dataset(
         raise FileNotFoundError(f"no *.tfrecord shards in {shard_dir}: run the preprocess stage first")
     if hr_patch % scale:
         raise ValueError(f"hr_patch {hr_patch} is not a multiple of scale {scale}")
-    pre = _manifest(shard_dir).get("config", {}).get("preprocess", {})
+    pre = dataio.read_manifest(shard_dir.parent).get("config", {}).get("preprocess", {})
     if pre and (pre.get("scale") != scale or pre.get("hr_crop", hr_patch) < hr_patch):
         raise ValueError(
             f"{shard_dir}: shards were made with scale {pre.get('scale')} and hr_crop {pre.get('hr_crop')}; "
@@ -146,23 +138,3 @@ def train_dataset(
 
     ds = ds.map(parse_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-
-
-def load_valid(processed_dir: Path, limit: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """``(name, lr uint8, hr uint8)`` of the validation images, sorted by name; ``limit`` > 0 caps."""
-    processed_dir = Path(processed_dir)
-    hr_dir, lr_dir = processed_dir / "valid" / "hr", processed_dir / "valid" / "lr"
-    files = sorted(hr_dir.glob("*.png"))
-    if limit > 0:
-        files = files[:limit]
-    out = []
-    for f in files:
-        lr_path = lr_dir / f.name
-        if not lr_path.is_file():
-            raise FileNotFoundError(f"{lr_path} is missing for {f}: re-run the preprocess stage")
-        hr, lr = images.load_rgb(f), images.load_rgb(lr_path)
-        (hh, hw), (lh, lw) = hr.shape[:2], lr.shape[:2]
-        if hh % lh or hw % lw or hh // lh != hw // lw:
-            raise ValueError(f"{f.name}: HR {hw}x{hh} is not an integer multiple of LR {lw}x{lh}")
-        out.append((f.stem, lr, hr))
-    return out

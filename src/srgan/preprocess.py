@@ -40,10 +40,8 @@ TensorFlow (tests, notebooks, the trainer) spawns them instead, which needs the 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import itertools
-import json
 import logging
 import multiprocessing
 import os
@@ -61,13 +59,12 @@ from tqdm import tqdm
 
 from . import images
 from .config import Config
-from .fsutil import write_json_atomic
+from .dataio import MANIFEST_NAME, json_digest, read_json, sha256_file, write_json_atomic
 from .images import ImageError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the shard/record layout or the crop rule changes
-MANIFEST_NAME = "manifest.json"
 PROGRESS_NAME = ".progress.json"
 MIN_VALID_LR_SIDE = 8  # LR px; smaller images make PSNR/SSIM (11x11 window, border crop) meaningless
 IGNORED_SUFFIXES = {".json", ".txt", ".md", ".csv", ".part", ".tmp", ".lock"}
@@ -101,27 +98,6 @@ def list_images(folder: Path) -> list[str]:
             continue
         names.append(rel.as_posix())
     return sorted(names)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _json_digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _clean_dir(folder: Path, keep: set[str]) -> int:
@@ -269,7 +245,7 @@ class _ShardWriter:
                 "source": raw(crops.name.encode()),
                 "offset": i64(off),
             }))
-            self._writer.write(ex.SerializeToString())
+            self._writer.write(ex.SerializeToString(deterministic=True))  # map order fixed: byte-stable shards
             self.count += 1
 
     def close(self) -> int:
@@ -362,14 +338,14 @@ def preprocess(
     # Digests first: they decide which finished work from an earlier run is still valid.
     rels = [f"train/{n}" for n in train_names] + [f"valid/{n}" for n in valid_names]
     with ThreadPoolExecutor(max_workers=n_workers) as ex:  # hashlib releases the GIL
-        digests = dict(zip(rels, ex.map(lambda r: file_sha256(raw_dir / r), rels)))
+        digests = dict(zip(rels, ex.map(lambda r: sha256_file(raw_dir / r), rels)))
 
     train_settings = {"version": FORMAT_VERSION, "seed": cfg.seed, "scale": p.scale,
                       "hr_crop": p.hr_crop, "crops_per_image": p.crops_per_image, "shard_size": p.shard_size}
     valid_settings = {"version": FORMAT_VERSION, "scale": p.scale, "valid_max_side": p.valid_max_side}
 
-    old = _read_json(out_dir / PROGRESS_NAME)
-    if old.get("version") != FORMAT_VERSION:
+    old = read_json(out_dir / PROGRESS_NAME, {})
+    if not isinstance(old, dict) or old.get("version") != FORMAT_VERSION:
         old = {}
     old_valid, old_shards = old.get("valid", {}), old.get("shards", {})
 
@@ -385,7 +361,7 @@ def preprocess(
                                 "reason": f"same output name {stem}.png as valid/{seen[stem]}"})
             continue
         seen[stem] = name
-        key = _json_digest([valid_settings, name, digests[f"valid/{name}"]])
+        key = json_digest([valid_settings, name, digests[f"valid/{name}"]])
         rec = old_valid.get(stem)
         if rec and rec.get("key") == key and (
             "skipped" in rec or ((hr_dir / f"{stem}.png").is_file() and (lr_dir / f"{stem}.png").is_file())
@@ -399,7 +375,7 @@ def preprocess(
     shards = []
     for k in range(0, len(train_names), per):
         group = train_names[k : k + per]
-        key = _json_digest([train_settings, [[n, digests[f"train/{n}"]] for n in group]])
+        key = json_digest([train_settings, [[n, digests[f"train/{n}"]] for n in group]])
         shards.append(_Shard(f"train-{k // per:05d}.tfrecord", group, key))
     prog_shards: dict[str, dict[str, Any]] = {}
     todo_shards = []
@@ -475,7 +451,7 @@ def preprocess(
     valid_list = [{"name": s, "source": r["source"], "hr_shape": r["hr_shape"], "lr_shape": r["lr_shape"]}
                   for s, r in sorted(prog_valid.items()) if "skipped" not in r]
     skipped_all = sorted([*train_skips, *dup_skipped, *_valid_skips(prog_valid)], key=lambda s: s["file"])
-    section = {k: v for k, v in dataclasses.asdict(p).items() if k != "workers"}  # workers: no effect on data
+    section = {k: v for k, v in p.model_dump().items() if k != "workers"}  # workers: no effect on data
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "config": {"seed": cfg.seed, "preprocess": section},
@@ -493,7 +469,7 @@ def preprocess(
         "shards": shard_list,
         "valid": valid_list,
     }
-    manifest["digest"] = _json_digest(manifest)  # the data hash training records as lineage
+    manifest["digest"] = json_digest(manifest)  # the data hash training records as lineage
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)
     return manifest
 

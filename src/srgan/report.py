@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .fsutil import read_json, write_text_atomic
+from .dataio import read_csv, read_json, write_text_atomic
 
 MAX_COMPARISONS = 12  # keep the page light on DIV2K-sized validation sets
 
@@ -96,27 +96,44 @@ def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes 
     return buf.getvalue()
 
 
+METHOD_LABELS = {"bicubic": "bicubic", "srresnet": "SRResNet (MSE)", "srgan": "SRGAN"}
+
+
 def _metric_section(metrics: dict[str, Any]) -> str:
-    rows = []
-    for prefix, label in (("", ""), ("x8_", " (self-ensemble x8)")):
-        for k in ("psnr_y", "ssim_y", "psnr_rgb"):
-            if f"{prefix}{k}" in metrics:
-                sr, bic = metrics[f"{prefix}{k}"], metrics.get(f"bicubic_{k}")
-                gain = sr - bic if bic is not None else None
-                cls = "better" if gain and gain > 0 else "worse"
-                rows.append(f"<tr><td>{k}{label}</td><td>{_fmt(sr)}</td><td>{_fmt(bic)}</td>"
-                            f"<td class={cls}>{'-' if gain is None else f'{gain:+.4f}'}</td></tr>")
-    return ("<table><thead><tr><th>metric</th><th>SRGAN generator</th><th>bicubic</th><th>gain</th></tr>"
-            f"</thead><tbody>{''.join(rows)}</tbody></table>"
-            f"<p class=muted>Means over {metrics.get('n_images', '?')} whole validation images, x{metrics.get('scale', '?')}; "
-            "Y channel (BT.601), border of <i>scale</i> pixels cropped, SR rounded to 8 bits (the SRGAN/BasicSR convention).</p>")
+    """One table per evaluation set: each method's metrics, and the gain over bicubic."""
+    out = []
+    for set_name, block in metrics.items():
+        if not isinstance(block, dict):
+            continue
+        order = list(METHOD_LABELS)  # bicubic, SRResNet, SRGAN first (metrics.json is key-sorted)
+        methods = sorted((m for m in block if isinstance(block[m], dict)),
+                         key=lambda m: (order.index(m.removesuffix("_x8")) if m.removesuffix("_x8") in order
+                                        else len(order), m))
+        keys = [k for k in ("psnr_y", "ssim_y", "psnr_rgb", "niqe") if any(k in block[m] for m in methods)]
+        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+        body = []
+        for m in methods:
+            cells = []
+            for k in keys:
+                v, gain = block[m].get(k), block[m].get(f"{k}_gain")
+                better = gain is not None and (gain > 0) == (k != "niqe")
+                g = "" if gain is None else f" <span class={'better' if better else 'worse'}>({gain:+.4f})</span>"
+                cells.append(f"<td>{'' if v is None else _fmt(v)}{g}</td>")
+            label = METHOD_LABELS.get(m.removesuffix("_x8"), m) + (" (self-ensemble x8)" if m.endswith("_x8") else "")
+            body.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
+        out.append(f"<h3>{html.escape(set_name)} ({block.get('n_images', '?')} images)</h3>"
+                   f"<table><thead><tr><th>method</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    out.append(f"<p class=muted>Means over whole images, x{metrics.get('scale', '?')}; Y channel (BT.601), border "
+               "of <i>scale</i> pixels cropped, SR rounded to 8 bits (the SRGAN/BasicSR convention); in brackets "
+               "the difference to bicubic. NIQE: lower is better.</p>")
+    return "".join(out)
 
 
 def _images_section(title: str, paths: list[Path], note: str = "") -> str:
     if not paths:
         return ""
     figs = "".join(f"<figure><img alt='{html.escape(p.stem)}' src='{data_uri(p)}'>"
-                   f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in paths)
+                   f"<figcaption>{html.escape(p.parent.name + '/' + p.stem)}</figcaption></figure>" for p in paths)
     return f"<h2>{html.escape(title)}</h2>{note}{figs}"
 
 
@@ -127,26 +144,33 @@ def build(reports_dir: Path, params: dict[str, Any] | None = None) -> Path:
              "<meta name=viewport content='width=device-width,initial-scale=1'>",
              f"<title>SRGAN report</title><style>{CSS}</style></head><body>",
              "<h1>SRGAN super-resolution report</h1>"]
-    summary = read_json(reports_dir / "train" / "train_summary.json", {})
-    if summary:
-        parts.append(f"<p class=muted>MLflow run <code>{html.escape(str(summary.get('run_id')))}</code> · "
-                     f"{summary.get('total_steps', '?')} steps</p>")
+    runs = []
+    for stage, label in (("pretrain", "SRResNet"), ("train", "SRGAN")):
+        summary = read_json(reports_dir / stage / "summary.json", {})
+        if summary:
+            runs.append(f"{label}: MLflow run <code>{html.escape(str(summary.get('run_id')))}</code>, "
+                        f"{summary.get('total_steps', '?')} steps")
+    if runs:
+        parts.append(f"<p class=muted>{' · '.join(runs)}</p>")
     metrics = read_json(reports_dir / "metrics.json")
     if metrics:
         parts += ["<h2 id=metrics>Metrics against bicubic</h2>", _metric_section(metrics)]
-    per_image = reports_dir / "per_image.csv"
-    if per_image.exists():
-        with per_image.open() as f:
-            rows = list(csv.DictReader(f))
+    rows = read_csv(reports_dir / "per_image.csv")
+    if rows:
         parts += ["<details><summary>Per-image metrics</summary>", table(rows), "</details>"]
-    png = curves_png(reports_dir / "train" / "history.csv", summary.get("bicubic_psnr_y"))
-    if png:
-        uri = "data:image/png;base64," + base64.b64encode(png).decode()
-        parts += ["<h2 id=curves>Training curves</h2>", f"<img alt='training curves' src='{uri}'>"]
-    comps = sorted((reports_dir / "eval").glob("*_compare.png"))
+    curves = []
+    for stage, label in (("pretrain", "SRResNet pre-training"), ("train", "adversarial training")):
+        bicubic = read_json(reports_dir / stage / "summary.json", {}).get("bicubic_psnr_y")
+        png = curves_png(reports_dir / stage / "history.csv", bicubic)
+        if png:
+            uri = "data:image/png;base64," + base64.b64encode(png).decode()
+            curves.append(f"<h3>{label}</h3><img alt='{label} curves' src='{uri}'>")
+    if curves:
+        parts += ["<h2 id=curves>Training curves</h2>", *curves]
+    comps = sorted((reports_dir / "eval").glob("*/*_compare.png"))
     parts.append(_images_section(
         "Comparisons", comps[:MAX_COMPARISONS],
-        "<p class=muted>LR (nearest) | bicubic | SRGAN | HR; below, the boxed detail enlarged.</p>"))
+        "<p class=muted>LR (nearest) | bicubic | SRResNet | SRGAN | HR; below, the boxed detail enlarged.</p>"))
     if len(comps) > MAX_COMPARISONS:
         parts.append(f"<p class=muted>{len(comps) - MAX_COMPARISONS} more in reports/eval/.</p>")
     compare_md = reports_dir / "compare" / "runs.md"

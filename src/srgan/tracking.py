@@ -1,7 +1,9 @@
 """MLflow tracking: the only module that imports mlflow.
 
 Tracking URI: ``MLFLOW_TRACKING_URI`` when set, otherwise ``sqlite:///<repo>/mlflow.db`` so that
-``mlflow ui`` started at the repository root shows every run. The sqlite schema is created by one
+``mlflow ui`` started at the repository root shows every run. ``<repo>`` is the original repository
+also when DVC runs a stage in a temporary copy (``dvc exp run --temp/--queue``, see
+``config.shared_root``): runs outlive the copy. The sqlite schema is created by one
 process under a file lock before any writer starts: several processes migrating a fresh sqlite store
 at once corrupt it.
 """
@@ -21,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .config import ROOT, Config
+from .config import ROOT, Config, shared_root
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ MAX_PARAM_LEN = 6000  # MLflow's limit on a param value is 6000 characters
 
 def tracking_uri() -> str:
     """The tracking URI every process of this project uses."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{shared_root() / 'mlflow.db'}"
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -169,7 +171,7 @@ def start_run(
 ) -> Run:
     """Create a run (nested under ``parent_run_id`` if given) with git lineage tags."""
     exp_id = experiment_id(experiment)
-    all_tags = {**git_state(), **(tags or {})}
+    all_tags = {**git_state(), **{k: v for k, v in (tags or {}).items() if v is not None}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if run_name:
@@ -180,13 +182,14 @@ def start_run(
 
 
 def resume_run(run_id: str) -> Run | None:
-    """Reopen an unfinished run (after an interruption); None if it no longer exists."""
+    """Reopen an unfinished run (after an interruption); None if it is gone, deleted or FINISHED
+    (a finished run is never reopened: its params, curves and model stay as they were)."""
     client = _client()
     try:
         run = client.get_run(run_id)
     except Exception:
         return None
-    if run.info.lifecycle_stage != "active":
+    if run.info.lifecycle_stage != "active" or run.info.status == "FINISHED":
         return None
     client.update_run(run_id, status="RUNNING")
     return Run(run_id)
@@ -212,9 +215,14 @@ def run_context(run: Run, exception_status: dict[type, str] | None = None) -> It
         run.end("FINISHED")
 
 
+# DVC's environment of a stage command -> the run tags that record it
+DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev", "DVC_STAGE": "dvc.stage"}
+
+
 def config_tags(cfg: Config, manifest_digest: str | None) -> dict[str, str]:
-    """Lineage tags: params digest and data manifest digest."""
+    """Lineage tags: params digest, data manifest digest, the DVC experiment and stage."""
     tags = {"params.digest": cfg.digest(),
+            **{tag: os.environ[var] for var, tag in DVC_ENV_TAGS.items() if os.environ.get(var)},
             # what this process runs with (train.onednn may be overridden by the environment)
             "env.TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")}
     if manifest_digest:
@@ -236,14 +244,15 @@ def log_to_run(run_id: str, metrics: dict[str, float], artifacts: list[Path] | N
 
 
 def download_model(run_id: str, dst: Path | None = None) -> Path:
-    """Download the generator .keras artifact of a run; returns the local file path."""
+    """Download the generator .keras artifact of a run (``model/*.keras``); returns the local path."""
     import mlflow
 
-    _client()
+    client = _client()
+    files = [a.path for a in client.list_artifacts(run_id, "model") if a.path.endswith(".keras")]
+    if not files:
+        raise FileNotFoundError(f"MLflow run {run_id} has no model/*.keras artifact")
     dst = Path(dst or tempfile.mkdtemp(prefix="srgan-model-"))
-    local = mlflow.artifacts.download_artifacts(
-        run_id=run_id, artifact_path="model/generator.keras", dst_path=str(dst)
-    )
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=files[0], dst_path=str(dst))
     return Path(local)
 
 
@@ -280,6 +289,29 @@ def search_runs_by_tags(tags: dict[str, str]) -> list[str]:
     exps = [e.experiment_id for e in client.search_experiments()]
     flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     return [r.info.run_id for r in client.search_runs(exps, filter_string=flt)]
+
+
+def end_if_running(run_id: str, status: str = "KILLED") -> bool:
+    """End a run left RUNNING by a dead process; returns whether it was running."""
+    client = _client()
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - gone or deleted: nothing to end
+        return False
+    if run.info.status != "RUNNING":
+        return False
+    client.set_terminated(run_id, status=status)
+    return True
+
+
+def running_runs_with_tag(key: str) -> list[tuple[str, dict[str, str]]]:
+    """(run id, tags) of RUNNING runs, in any experiment, that carry tag ``key``."""
+    client = _client()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    if not exps:
+        return []
+    runs = client.search_runs(exps, filter_string=f"attributes.status = 'RUNNING' and tags.`{key}` != ''")
+    return [(r.info.run_id, dict(r.data.tags)) for r in runs]
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:

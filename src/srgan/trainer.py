@@ -1,32 +1,57 @@
-"""The one SRGAN training loop: MSE pre-training, then adversarial Per-Pix training.
+"""SRGAN training: the steps of each phase, their resumable state, and the one training loop.
 
-``train()`` is used by the train stage and by every tuning trial; they differ only in config and
-callbacks. State (generator, discriminator, three optimizers, global step) is checkpointed so that a
-killed run continues from its last checkpoint; the data position is the global step, because the
-input pipeline is deterministic for a seed and is skipped ahead on resume.
+Two phases, each its own DVC stage and MLflow run, as in Ledig et al. 2017:
+
+* ``pretrain``: the SRResNet, pixel MSE only (``pretrain.*``) -> models/srresnet.keras;
+* ``gan``: the adversarial Per-Pix phase (``gan.*``, ``loss.*``, ``adv.*``, ``vgg.*``),
+  initialised from that SRResNet -> models/generator.keras.
+
+:class:`Trainer` builds the models and exposes the compiled steps (``pretrain_step``,
+``d_step``, ``gan_step``: each takes an ``(lr, hr)`` batch and returns a dict of float32 loss
+parts); :class:`TrainState` owns everything resumable on disk; :func:`train` is the loop that the
+train stages, every tuning trial and the study share (they differ only in config and callbacks).
+The data position is the step: the input pipeline is deterministic for a seed and skips ahead.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from .config import Config
-from .fsutil import read_json, write_json_atomic
+from . import dataio
+from .config import Config, PhaseConfig, flatten, resume_safe_keys
+from .dataio import Pair
 
 log = logging.getLogger(__name__)
+
+Phase = Literal["pretrain", "gan"]
+PHASES: tuple[Phase, ...] = ("pretrain", "gan")
+# What each phase reads from params.yaml. dvc.yaml lists exactly these for the pretrain and train
+# stages (tests/test_dvc_deps.py checks it); the resume digest is made of them.
+PHASE_PARAMS: dict[str, tuple[str, ...]] = {
+    "pretrain": ("seed", "preprocess.scale", "model.generator", "train", "pretrain",
+                 "evaluate.tile", "evaluate.tile_overlap", "tracking"),
+    "gan": ("seed", "preprocess.scale", "model", "loss", "vgg", "adv", "train", "gan",
+            "evaluate.tile", "evaluate.tile_overlap", "tracking"),
+}
+# Read by the phase but irrelevant to its weights: never a reason to discard a checkpoint.
+_NOT_IN_DIGEST = ("evaluate", "tracking")
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or Inf: training stops instead of producing a silent NaN model."""
+
+
+class TrainStateError(RuntimeError):
+    """The resumable state cannot be used (e.g. a generator file of another architecture)."""
 
 
 @dataclass
@@ -34,34 +59,36 @@ class TrainData:
     """Everything training reads, loaded once per process (tuning reuses it across trials)."""
 
     shard_dir: Path
-    valid: list[tuple[str, np.ndarray, np.ndarray]]  # (name, lr uint8, hr uint8)
+    valid: list[Pair]
     manifest_digest: str | None = None
     _baselines: dict[int, dict[str, float]] = field(default_factory=dict, repr=False)
 
     def baseline(self, scale: int) -> dict[str, float]:
         """Bicubic PSNR-Y/SSIM-Y of the validation images, computed once per process."""
+        from . import evaluate
+
         if scale not in self._baselines:
-            self._baselines[scale] = bicubic_baseline(self.valid, scale)
+            self._baselines[scale] = {f"bicubic_{k}": v for k, v in
+                                      evaluate.mean_scores(evaluate.bicubic_scores(self.valid, scale)).items()
+                                      if k in ("psnr_y", "ssim_y")}
         return self._baselines[scale]
 
     @classmethod
-    def load(cls, processed_dir: Path, val_images: int = 0) -> "TrainData":
-        from . import pipeline
-
+    def load(cls, processed_dir: Path, val_images: int = 0) -> TrainData:
+        """The shards and the first ``val_images`` validation pairs (0 = all) of data/processed."""
         processed_dir = Path(processed_dir)
-        manifest = read_json(processed_dir / "manifest.json")
-        if manifest is None:
+        manifest = dataio.read_manifest(processed_dir)
+        if not manifest:
             raise FileNotFoundError(
-                f"{processed_dir / 'manifest.json'} is missing: run the preprocess stage first (dvc repro)"
+                f"{processed_dir / dataio.MANIFEST_NAME} is missing: run the preprocess stage first (dvc repro)"
             )
-        valid = pipeline.load_valid(processed_dir, limit=val_images)
-        if not valid:
-            raise FileNotFoundError(f"no validation images under {processed_dir / 'valid'}")
+        valid = dataio.load_pairs(processed_dir / "valid", limit=val_images)
         return cls(processed_dir / "train", valid, manifest.get("digest"))
 
 
 @dataclass
 class TrainResult:
+    phase: str
     step: int
     total_steps: int
     resumed_from: int
@@ -76,132 +103,107 @@ class Callback:
 
     def on_log(self, step: int, logs: dict[str, float]) -> None: ...
 
-    def on_validation(self, step: int, metrics: dict[str, float], grid: np.ndarray) -> None: ...
-
-    def on_checkpoint(self, step: int) -> None: ...
-
-    def on_train_end(self, result: TrainResult) -> None: ...
+    def on_validation(self, step: int, metrics: dict[str, float], grid: np.ndarray | None) -> None: ...
 
 
-# device names -> the MirroredStrategy this process made for them (see make_strategy)
-_MIRRORED: dict[tuple[str, ...], Any] = {}
+# --------------------------------------------------------------------------- runtime
+def prepare_runtime(cfg: Config) -> None:
+    """Process-wide settings a training run needs before any model is built: the seed of every
+    RNG (Python, numpy, TF, Keras) and Keras' precision policy."""
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    keras.mixed_precision.set_global_policy(cfg.train.precision)
 
 
-def make_strategy(mode: str):
-    """tf.distribute strategy for ``train.distribute``.
-
-    ``none``: the default (no-op) strategy. ``auto``: MirroredStrategy over every visible GPU when
-    there are more than one, else ``none``. ``mirrored``: MirroredStrategy over every visible GPU;
-    without GPUs, over every logical CPU device (one replica per device: a CPU split with
-    ``tf.config.set_logical_device_configuration`` before TensorFlow initialises, as the tests do).
-    The global batch ``train.batch_size`` is split evenly across the replicas.
-
-    One MirroredStrategy per process and device list, reused by every later Trainer (tuning trains
-    many in one process): a second MirroredStrategy restarts TensorFlow's collective instance keys, and
-    its all-reduces then collide with the first one's (``Shape mismatch in the collective instance``)
-    as soon as the models differ in shape.
-    """
-    import tensorflow as tf
-
-    if mode not in ("auto", "none", "mirrored"):
-        raise ValueError(f"train.distribute: {mode!r} is not one of 'auto', 'none', 'mirrored'")
-    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
-    if mode == "mirrored" or (mode == "auto" and len(gpus) > 1):
-        devices = tuple(gpus or [d.name for d in tf.config.list_logical_devices("CPU")])
-        if devices not in _MIRRORED:
-            _MIRRORED[devices] = tf.distribute.MirroredStrategy(devices=list(devices))
-        strategy = _MIRRORED[devices]
-        log.info("train.distribute=%s: MirroredStrategy over %d replicas %s",
-                 mode, strategy.num_replicas_in_sync, list(devices))
-        return strategy
-    return tf.distribute.get_strategy()  # the default (no-op) strategy
-
-
-def lr_schedule(base: float, phase_steps: int, kind: str, cfg: Config):
+def lr_schedule(phase: PhaseConfig) -> Any:
     """Keras learning-rate schedule of one phase (its optimizer counts the phase's steps)."""
     import keras
 
-    t = cfg.train
-    if kind == "constant" or phase_steps == 0:
-        return base
-    if kind == "cosine":
-        return keras.optimizers.schedules.CosineDecay(base, decay_steps=max(phase_steps, 1))
-    every = t.lr_decay_every or max(phase_steps // 2, 1)
+    if phase.lr_schedule == "constant" or phase.steps == 0:
+        return phase.lr
+    if phase.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(phase.lr, decay_steps=max(phase.steps, 1))
+    every = phase.lr_decay_every or max(phase.steps // 2, 1)
     return keras.optimizers.schedules.ExponentialDecay(
-        base, decay_steps=every, decay_rate=t.lr_decay_factor, staircase=True
+        phase.lr, decay_steps=every, decay_rate=phase.lr_decay_factor, staircase=True
     )
 
 
-def bicubic_baseline(valid: Sequence[tuple[str, np.ndarray, np.ndarray]], scale: int) -> dict[str, float]:
-    """Mean PSNR-Y/SSIM-Y of bicubic upscaling on the validation images."""
-    from . import images, metrics
-
-    rows = [metrics.evaluate_pair(images.upscale_bicubic(lr, scale), hr, scale) for _, lr, hr in valid]
-    return {f"bicubic_{k}": float(np.mean([r[k] for r in rows])) for k in ("psnr_y", "ssim_y")}
-
-
-def image_grid(lr: np.ndarray, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray) -> np.ndarray:
-    """LR (nearest) | bicubic | SR | HR side by side, uint8."""
-    s = hr.shape[0] // lr.shape[0]
-    nearest = np.repeat(np.repeat(lr, s, axis=0), s, axis=1)
-    sep = np.full((hr.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([nearest, sep, bicubic, sep, sr, sep, hr], axis=1)
-
-
+# --------------------------------------------------------------------------- steps
 class Trainer:
-    """Builds models, optimizers and compiled steps under a distribution strategy."""
+    """Models, optimizers and compiled steps of one phase, under the configured strategy.
 
-    def __init__(self, cfg: Config, data: TrainData, ckpt_dir: Path | None):
+    Call :func:`prepare_runtime` first (seed, precision policy). ``init_generator`` (a .keras
+    file, gan phase) sets the generator's weights after every network was built, so the
+    discriminator's initialisation does not depend on where the generator came from.
+    """
+
+    def __init__(self, cfg: Config, phase: Phase, init_generator: Path | None = None):
         import keras
         import tensorflow as tf
 
-        from . import losses, models
+        from . import distribute, losses, models
 
-        self.cfg, self.data = cfg, data
-        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        self.cfg, self.phase = cfg, phase
+        self.phase_cfg: PhaseConfig = getattr(cfg, phase)
         t = cfg.train
         self.scale = cfg.preprocess.scale
-        keras.utils.set_random_seed(cfg.seed)
-        if t.precision == "mixed_bfloat16":
-            keras.mixed_precision.set_global_policy("mixed_bfloat16")
-        else:
-            keras.mixed_precision.set_global_policy("float32")
-        self.strategy = make_strategy(t.distribute)
+        self.strategy = distribute.make_strategy(t.distribute)
         self.replicas = self.strategy.num_replicas_in_sync
         if t.batch_size % self.replicas:
-            raise ValueError(
-                f"train.batch_size: {t.batch_size} is not divisible by the {self.replicas} replicas"
-            )
+            raise ValueError(f"train.batch_size: {t.batch_size} is not divisible by the {self.replicas} replicas")
         self.adv = losses.ADVERSARIAL[cfg.adv.loss]
+        self.D = self.vgg = None
         with self.strategy.scope():
             self.G = models.build_generator(cfg.model.generator, self.scale)
-            dcfg = cfg.model.discriminator
-            if self.adv.needs_gradient_penalty and dcfg.batch_norm:
-                # BN mixes samples, so the per-sample gradient penalty is ill-defined (Gulrajani et
-                # al. 2017 drop it from the critic): build the critic without BN for this loss.
-                log.warning("adv.loss=%s: discriminator built without batch norm", cfg.adv.loss)
-                dcfg = dataclasses.replace(dcfg, batch_norm=False)
-            self.D = models.build_discriminator(dcfg, t.hr_patch)
-            self.vgg = losses.build_vgg_extractor(cfg.vgg, cfg.seed) if cfg.loss.w_vgg > 0 else None
-            self.opt_pre = keras.optimizers.Adam(lr_schedule(t.lr_pretrain, t.pretrain_steps, t.lr_schedule_pretrain, cfg), beta_1=t.adam_beta1)
-            self.opt_g = keras.optimizers.Adam(lr_schedule(t.lr_gan, t.gan_steps, t.lr_schedule, cfg), beta_1=t.adam_beta1)
-            self.opt_d = keras.optimizers.Adam(lr_schedule(t.lr_gan, t.gan_steps, t.lr_schedule, cfg), beta_1=t.adam_beta1)
-            for opt, model in ((self.opt_pre, self.G), (self.opt_g, self.G), (self.opt_d, self.D)):
-                opt.build(model.trainable_variables)
+            objects: dict[str, Any] = {"generator": self.G}
+            if phase == "gan":
+                dcfg = cfg.model.discriminator
+                if self.adv.needs_gradient_penalty and dcfg.batch_norm:
+                    # BN mixes samples, so the per-sample gradient penalty is ill-defined (Gulrajani et
+                    # al. 2017 drop it from the critic): build the critic without BN for this loss.
+                    log.warning("adv.loss=%s: discriminator built without batch norm", cfg.adv.loss)
+                    dcfg = dcfg.model_copy(update={"batch_norm": False})
+                self.D = models.build_discriminator(dcfg, t.hr_patch)
+                self.vgg = losses.build_vgg_extractor(cfg.vgg, cfg.seed) if cfg.loss.w_vgg > 0 else None
+                self.opt_g = keras.optimizers.Adam(lr_schedule(cfg.gan), beta_1=t.adam_beta1)
+                self.opt_d = keras.optimizers.Adam(lr_schedule(cfg.gan), beta_1=t.adam_beta1)
+                self.opt_g.build(self.G.trainable_variables)
+                self.opt_d.build(self.D.trainable_variables)
+                self.gp_rng = tf.random.Generator.from_seed(cfg.seed)
+                objects.update(discriminator=self.D, opt_g=self.opt_g, opt_d=self.opt_d, gp_rng=self.gp_rng)
+            else:
+                self.opt_pre = keras.optimizers.Adam(lr_schedule(cfg.pretrain), beta_1=t.adam_beta1)
+                self.opt_pre.build(self.G.trainable_variables)
+                objects["opt_pretrain"] = self.opt_pre
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-            self.gp_rng = tf.random.Generator.from_seed(cfg.seed)
-        self.ckpt = tf.train.Checkpoint(
-            generator=self.G, discriminator=self.D, opt_pretrain=self.opt_pre,
-            opt_g=self.opt_g, opt_d=self.opt_d, step=self.step, gp_rng=self.gp_rng,
-        )
-        self.manager = (
-            tf.train.CheckpointManager(self.ckpt, str(self.ckpt_dir), max_to_keep=2) if self.ckpt_dir else None
-        )
-        self._pretrain = self._compile(self._pretrain_replica)
-        self._gan = self._compile(self._gan_replica)
+        if init_generator is not None:
+            self.load_generator_weights(init_generator)
+        self.checkpoint = tf.train.Checkpoint(step=self.step, **objects)
+        if phase == "gan":
+            self.gan_step = self._compile(self._gan_replica)
+            self.d_step = self._compile(self._d_replica)
+        else:
+            self.pretrain_step = self._compile(self._pretrain_replica)
 
-    # -- compiled steps -----------------------------------------------------------------------
-    def _compile(self, replica_fn: Callable):
+    @property
+    def total_steps(self) -> int:
+        return self.phase_cfg.steps
+
+    @property
+    def step_fn(self) -> Callable[[Any], dict[str, Any]]:
+        """The training step of this trainer's phase."""
+        return self.gan_step if self.phase == "gan" else self.pretrain_step
+
+    @property
+    def optimizer(self) -> Any:
+        """The generator's optimizer of this phase (its learning rate is logged)."""
+        return self.opt_g if self.phase == "gan" else self.opt_pre
+
+    def _compile(self, replica_fn: Callable) -> Callable:
         import tensorflow as tf
 
         strategy = self.strategy
@@ -226,6 +228,32 @@ class Trainer:
         self.opt_pre.apply_gradients(zip(grads, self.G.trainable_variables))
         return {"g_mse": mse}
 
+    def _d_losses(self, real, fake, hr, sr):
+        import tensorflow as tf
+
+        from . import losses
+
+        d_adv = self.adv.d_loss(real, fake, label_smoothing=self.cfg.adv.label_smoothing)
+        gp = tf.constant(0.0)
+        if self.adv.needs_gradient_penalty:
+            gp = losses.gradient_penalty(self.D, hr, tf.stop_gradient(sr), self.gp_rng)
+        return d_adv + self.cfg.adv.gp_weight * gp, gp
+
+    def _d_replica(self, lr, hr):
+        """A D-only update: fakes from G's forward pass (no G gradients)."""
+        import tensorflow as tf
+
+        inv = 1.0 / self.replicas
+        sr = tf.stop_gradient(tf.cast(self.G(lr, training=False), tf.float32))
+        with tf.GradientTape() as tape:
+            real = tf.cast(self.D(hr, training=True), tf.float32)
+            fake = tf.cast(self.D(sr, training=True), tf.float32)
+            d_total, gp = self._d_losses(real, fake, hr, sr)
+            d_total = d_total * inv
+        grads = tape.gradient(d_total, self.D.trainable_variables)
+        self.opt_d.apply_gradients(zip(grads, self.D.trainable_variables))
+        return {"d_loss": d_total, "d_gp": gp * inv}
+
     def _gan_replica(self, lr, hr):
         import tensorflow as tf
 
@@ -236,11 +264,8 @@ class Trainer:
             sr = tf.cast(self.G(lr, training=True), tf.float32)
             real = tf.cast(self.D(hr, training=True), tf.float32)
             fake = tf.cast(self.D(sr, training=True), tf.float32)
-            d_adv = self.adv.d_loss(real, fake, label_smoothing=cfg.adv.label_smoothing)
-            gp = tf.constant(0.0)
-            if self.adv.needs_gradient_penalty:
-                gp = losses.gradient_penalty(self.D, hr, tf.stop_gradient(sr), self.gp_rng)
-            d_total = (d_adv + cfg.adv.gp_weight * gp) * inv
+            d_total, gp = self._d_losses(real, fake, hr, sr)
+            d_total = d_total * inv
             parts = {"mse": losses.pixel_mse(hr, sr), "adv": self.adv.g_loss(real, fake)}
             parts["vgg"] = (
                 losses.vgg_loss(self.vgg, hr, sr, cfg.vgg.feature_scale) if self.vgg is not None else tf.constant(0.0)
@@ -257,156 +282,230 @@ class Trainer:
             "d_real": tf.reduce_mean(tf.sigmoid(real)) * inv, "d_fake": tf.reduce_mean(tf.sigmoid(fake)) * inv,
         }
 
-    # -- validation ---------------------------------------------------------------------------
-    def validate(self) -> tuple[dict[str, float], np.ndarray]:
-        """Mean PSNR-Y/SSIM-Y of the generator on the validation images, and an image grid."""
-        from . import images, inference, metrics
+    # -- generator in and out ------------------------------------------------------------------
+    def load_generator_weights(self, path: Path) -> None:
+        """Set G's weights from a saved generator of the same architecture (model.generator)."""
+        from . import models
+
+        src = models.load_generator(path)
+        mine, theirs = self.G.get_weights(), src.get_weights()
+        if len(mine) != len(theirs) or any(a.shape != b.shape for a, b in zip(mine, theirs)):
+            raise TrainStateError(
+                f"{path} does not have the architecture of model.generator {self.cfg.model.generator.model_dump()}: "
+                "re-run the pretrain stage (dvc repro pretrain)")
+        self.G.set_weights(theirs)
+
+    def export_generator(self, path: Path) -> Path:
+        """Save the generator as a .keras file atomically."""
+        from . import models
+
+        return models.save_generator(self.G, path)
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self, pairs: Sequence[Pair]) -> tuple[dict[str, float], np.ndarray | None]:
+        """Mean PSNR-Y/SSIM-Y/PSNR-RGB of the generator on ``pairs``, and the first image's grid."""
+        from . import evaluate, images, inference, viz
 
         ev = self.cfg.evaluate
         rows, grid = [], None
-        for i, (_, lr, hr) in enumerate(self.data.valid):
-            sr = inference.upscale(self.G, lr, self.scale, tile=ev.tile, overlap=ev.tile_overlap)
-            rows.append(metrics.evaluate_pair(sr, hr, self.scale))
+        for i, p in enumerate(pairs):
+            sr = inference.upscale(self.G, p.lr, self.scale, tile=ev.tile, overlap=ev.tile_overlap)
+            rows.append(evaluate.score_pair(sr, p.hr, self.scale))
             if i == 0:
-                grid = image_grid(lr, images.upscale_bicubic(lr, self.scale), sr, hr)
-        return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in ("psnr_y", "ssim_y", "psnr_rgb")}, grid
-
-    # -- checkpoints --------------------------------------------------------------------------
-    def restore(self) -> int:
-        """Restore the latest checkpoint if any; returns the step to continue from."""
-        if self.manager is None or self.manager.latest_checkpoint is None:
-            return 0
-        self.ckpt.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
-        return int(self.step.numpy())
-
-    def save(self, step: int) -> None:
-        if self.manager is not None:
-            self.step.assign(step)
-            # CheckpointManager updates its index file last: an interrupted save leaves the
-            # previous checkpoint as the latest, never a half-written one.
-            self.manager.save(checkpoint_number=step)
+                grid = viz.image_grid(p.lr, images.upscale_bicubic(p.lr, self.scale), sr, p.hr)
+        means = evaluate.mean_scores(rows)
+        return {f"val_{k}": means[k] for k in ("psnr_y", "ssim_y", "psnr_rgb")}, grid
 
 
+# --------------------------------------------------------------------------- resumable state
+def training_digest(cfg: Config, phase: Phase, data_digest: str | None, init_digest: str | None = None) -> str:
+    """Digest of everything that shapes the phase's weights: resume only under the same one."""
+    d = cfg.to_dict()
+    safe = resume_safe_keys()
+    keep: dict[str, Any] = {}
+    for key in PHASE_PARAMS[phase]:
+        if key.split(".")[0] in _NOT_IN_DIGEST:
+            continue
+        node: Any = d
+        for part in key.split("."):
+            node = node[part]
+        if isinstance(node, dict):
+            node = {k: v for k, v in flatten(node, key + ".").items() if k not in safe}
+        keep[key] = node
+    return dataio.json_digest({"phase": phase, "params": keep, "data": data_digest, "init": init_digest})
+
+
+_CKPT = re.compile(r"^ckpt-(\d+)\.index$")
+
+
+class TrainState:
+    """A phase's resumable state: ``<root>/<phase>-<digest>/`` with checkpoints and state.json.
+
+    One folder per params digest, so a changed param trains in a new folder and reverting it finds
+    the old one again (the newest ``KEEP_FOLDERS`` per phase are kept). state.json holds the
+    digest, the MLflow run id and whether the training completed; a completed training is never
+    resumed (and its run never reopened): a new run of the same params trains afresh.
+
+    Checkpoints are ``ckpt-<step>`` (TensorFlow's bundle: data written first, the index renamed into
+    place last, so an index means a complete save). They are found by listing index files, not
+    through TensorFlow's ``checkpoint`` state file, and restored newest first: a damaged one
+    (flipped or truncated data, empty index) is skipped with a warning naming it.
+    """
+
+    KEEP_FOLDERS = 3
+    KEEP_CHECKPOINTS = 3
+    STATE = "state.json"
+
+    def __init__(self, root: Path, phase: Phase, digest: str):
+        self.root, self.phase, self.digest = Path(root), phase, digest
+        self.dir = self.root / f"{phase}-{digest[:16]}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = dataio.read_json(self.dir / self.STATE, None)
+        if state is None and (self.dir / self.STATE).exists():
+            log.warning("%s is damaged: ignored (checkpoints in %s are still used)", self.dir / self.STATE, self.dir)
+        self._state: dict[str, Any] = state if isinstance(state, dict) and state.get("digest") == digest else {}
+        if self._state.get("status") == "complete":
+            log.info("a finished training with these params exists in %s (run %s): training afresh",
+                     self.dir, self._state.get("run_id"))
+            self.reset()
+        self._write(status="running")
+        self._collect_old_folders()
+
+    # -- state.json ------------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run of the unfinished training in this folder, if any."""
+        return self._state.get("run_id")
+
+    def bind_run(self, run_id: str) -> None:
+        self._write(run_id=run_id)
+
+    def mark_complete(self) -> None:
+        """The training finished and its outputs were written: never resume it again."""
+        self._write(status="complete")
+
+    def _write(self, **values: Any) -> None:
+        self._state.update(values, digest=self.digest, phase=self.phase)
+        dataio.write_json_atomic(self.dir / self.STATE, self._state)
+
+    def reset(self) -> None:
+        """Forget this folder's checkpoints and run (start from step 0)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._state = {}
+
+    def _collect_old_folders(self) -> None:
+        mine = sorted(self.root.glob(f"{self.phase}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in [p for p in mine if p != self.dir][self.KEEP_FOLDERS - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoints(self) -> list[int]:
+        """Steps with a complete checkpoint, newest first."""
+        steps = [int(m.group(1)) for p in self.dir.iterdir() if (m := _CKPT.match(p.name))]
+        return sorted(steps, reverse=True)
+
+    def restore(self, trainer: Trainer) -> int:
+        """Restore the newest intact checkpoint into ``trainer``; returns its step (0 if none)."""
+        for step in self.checkpoints():
+            prefix = self.dir / f"ckpt-{step}"
+            try:
+                trainer.checkpoint.read(str(prefix)).assert_existing_objects_matched()
+            except Exception as exc:  # noqa: BLE001 - DataLossError, truncation, bad index: all mean damaged
+                log.warning("checkpoint %s is damaged (%s: %s); trying an older one", prefix,
+                            type(exc).__name__, " ".join(str(exc).split())[:300])
+                continue
+            if int(trainer.step.numpy()) != step:
+                log.warning("checkpoint %s holds step %d; trying an older one", prefix, int(trainer.step.numpy()))
+                continue
+            return step
+        if self.checkpoints():
+            log.warning("no intact checkpoint in %s: training from step 0", self.dir)
+        return 0
+
+    def save(self, trainer: Trainer, step: int) -> None:
+        """Write ``ckpt-<step>``; keep the newest KEEP_CHECKPOINTS."""
+        trainer.step.assign(step)
+        trainer.checkpoint.write(str(self.dir / f"ckpt-{step}"))
+        for old in self.checkpoints()[self.KEEP_CHECKPOINTS:]:
+            for f in self.dir.glob(f"ckpt-{old}.*"):
+                f.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the loop
 def _check_finite(step: int, logs: dict[str, float]) -> None:
     bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
     if bad:
         raise NonFiniteLossError(
-            f"step {step}: non-finite loss {bad}; training stopped. Lower train.lr_pretrain/train.lr_gan "
+            f"step {step}: non-finite loss {bad}; training stopped. Lower pretrain.lr / gan.lr "
             f"or the adversarial weight loss.w_adv, or try another adv.loss."
         )
 
 
 def train(
     cfg: Config,
+    phase: Phase,
     data: TrainData,
-    ckpt_dir: Path | None = None,
+    state: TrainState | None = None,
     callbacks: Sequence[Callback] = (),
-    stop_after: int | None = None,
+    init_generator: Path | None = None,
+    data_offset: int = 0,
 ) -> tuple[Trainer, TrainResult]:
-    """Run (or resume) both phases; returns the trainer (with its generator) and a result.
+    """Run (or resume, from ``state``) one phase; returns the trainer (with its generator) and a result.
 
-    ``ckpt_dir`` holds the resumable state; a checkpoint made under a different config is moved
-    aside rather than resumed. ``stop_after`` ends early after that many steps of this call (tests).
+    ``data_offset``: batches of the input stream already used by an earlier phase (the gan phase
+    continues the stream where pre-training stopped instead of seeing its first batches again).
     """
     from . import pipeline
 
-    t = cfg.train
-    total = t.pretrain_steps + t.gan_steps
-    if ckpt_dir is not None:
-        ckpt_dir = Path(ckpt_dir)
-        state = read_json(ckpt_dir / "state.json", {})
-        if state.get("config_digest") not in (None, training_digest(cfg, data)):
-            stale = ckpt_dir.with_name(ckpt_dir.name + f".stale-{int(time.time())}")
-            log.warning("checkpoints in %s were made with other params; moved to %s", ckpt_dir, stale)
-            shutil.move(str(ckpt_dir), stale)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(ckpt_dir / "state.json", {**read_json(ckpt_dir / "state.json", {}),
-                                                    "config_digest": training_digest(cfg, data)})
-    trainer = Trainer(cfg, data, ckpt_dir)
-    start = trainer.restore()
+    prepare_runtime(cfg)
+    trainer = Trainer(cfg, phase, init_generator=init_generator)
+    total = trainer.total_steps
+    start = state.restore(trainer) if state is not None else 0
     if start:
         log.info("resumed from checkpoint at step %d of %d", start, total)
     for cb in callbacks:
         cb.on_train_begin(cfg, start, total)
 
-    result = TrainResult(step=start, total_steps=total, resumed_from=start)
-    ds = pipeline.train_dataset(
-        data.shard_dir, t.batch_size, t.hr_patch, cfg.preprocess.scale, cfg.seed, start_step=start
-    )
+    t = cfg.train
+    result = TrainResult(phase=phase, step=start, total_steps=total, resumed_from=start)
+    ds = pipeline.train_dataset(data.shard_dir, t.batch_size, t.hr_patch, cfg.preprocess.scale, cfg.seed,
+                                start_step=data_offset + start)
     it = iter(trainer.strategy.experimental_distribute_dataset(ds))
     tick, tick_step, window = time.perf_counter(), start, []
-    step = start
+    step_fn = trainer.step_fn
     for step in range(start, total):
-        if stop_after is not None and step - start >= stop_after:
-            break
-        batch = next(it)
-        fn = trainer._pretrain if step < t.pretrain_steps else trainer._gan
-        logs = {k: float(v) for k, v in fn(batch).items()}
-        _check_finite(step + 1, logs)
-        window.append(logs)
+        logs = {k: float(v) for k, v in step_fn(next(it)).items()}
         done = step + 1
-        at_phase_end = done in (t.pretrain_steps, total)
-        if done % t.log_every == 0 or at_phase_end:
+        _check_finite(done, logs)
+        window.append(logs)
+        if done % t.log_every == 0 or done == total:
             now = time.perf_counter()
             rate = (done - tick_step) / max(now - tick, 1e-9)
             tick, tick_step = now, done
             mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
             window = []
-            opt = trainer.opt_pre if done <= t.pretrain_steps else trainer.opt_g
-            mean.update({"lr": float(opt.learning_rate), "steps_per_s": rate,
-                         "phase": 1.0 if done <= t.pretrain_steps else 2.0})
+            mean.update({"lr": float(trainer.optimizer.learning_rate), "steps_per_s": rate})
             eta = (total - done) / max(rate, 1e-9)
-            log.info("step %d/%d phase %d %s | %.2f steps/s | ETA %s", done, total, int(mean["phase"]),
+            log.info("%s step %d/%d %s | %.2f steps/s | ETA %s", phase, done, total,
                      " ".join(f"{k}={v:.4g}" for k, v in mean.items() if k.startswith(("g_", "d_"))),
                      rate, time.strftime("%H:%M:%S", time.gmtime(eta)))
             result.history.append({"step": done, **mean})
             for cb in callbacks:
                 cb.on_log(done, mean)
         if done % t.val_every == 0 or done == total:
-            val, grid = trainer.validate()
-            result.val = val
-            log.info("step %d validation %s", done, " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+            result.val, grid = trainer.validate(data.valid)
+            log.info("%s step %d validation %s", phase, done, " ".join(f"{k}={v:.4f}" for k, v in result.val.items()))
             for cb in callbacks:
-                cb.on_validation(done, val, grid)
-        if done % t.checkpoint_every == 0 or at_phase_end:
-            trainer.save(done)
-            for cb in callbacks:
-                cb.on_checkpoint(done)
+                cb.on_validation(done, result.val, grid)
+        if state is not None and (done % t.checkpoint_every == 0 or done == total):
+            state.save(trainer, done)
         result.step = done
-    if result.step == total and not result.val:  # resumed at the very end: still report metrics
-        result.val, grid = trainer.validate()
+    if not result.val:  # resumed at the very end (or a 0-step phase): still report metrics
+        result.val, grid = trainer.validate(data.valid)
         for cb in callbacks:
             cb.on_validation(total, result.val, grid)
-    if result.step == total:
-        for cb in callbacks:
-            cb.on_train_end(result)
     return trainer, result
-
-
-def training_digest(cfg: Config, data: TrainData) -> str:
-    """Digest of everything that shapes the trained weights (resume only under the same one)."""
-    import hashlib
-    import json
-
-    d = cfg.to_dict()
-    keep = {k: d[k] for k in ("seed", "model", "loss", "vgg", "adv")}
-    keep["train"] = {k: v for k, v in d["train"].items()
-                     if k not in ("log_every", "val_every", "checkpoint_every", "val_images", "onednn")}
-    keep["scale"] = cfg.preprocess.scale
-    keep["data"] = data.manifest_digest
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
-
-
-def export_generator(trainer: Trainer, path: Path) -> Path:
-    """Save the generator as a .keras file atomically (temp name, then rename)."""
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.keras")
-    trainer.G.save(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, float]:

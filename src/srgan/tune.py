@@ -1,6 +1,7 @@
 """Optuna search over the Per-Pix loss weights and the adversarial loss.
 
-Every trial trains through ``experiment.run_training`` (the train stage's code path) as a nested
+Every trial trains the adversarial phase through ``experiment.run_training`` (the train stage's
+code path), initialised from the pretrain stage's SRResNet as the train stage is, as a nested
 MLflow run under one parent run per tune session. The study lives in persistent storage (a journal
 file under the project by default, or an RDB URL such as PostgreSQL for several machines), so that
 killing ``tune.py`` and starting it again continues the same study.
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .config import ROOT, Config, replace
-from .fsutil import write_text_atomic
+from .config import ROOT, Config, edit_params, replace
+from .dataio import write_text_atomic
 from .trainer import Callback, NonFiniteLossError, TrainData
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,7 @@ def make_pruner(cfg: Config):
     if t.pruner == "none" or len(t.objectives) > 1:  # Optuna cannot prune multi-objective trials
         return optuna.pruners.NopPruner()
     if t.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=t.report_every,
-                                              max_resource=t.pretrain_steps + t.gan_steps)
+        return optuna.pruners.HyperbandPruner(min_resource=t.report_every, max_resource=t.gan_steps)
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=t.report_every)
 
 
@@ -103,18 +103,17 @@ def suggest(trial, cfg: Config) -> Config:
         "loss.w_vgg": trial.suggest_float("w_vgg", *t.w_vgg, log=True),
         "loss.w_adv": trial.suggest_float("w_adv", *t.w_adv, log=True),
         "adv.loss": trial.suggest_categorical("adv_loss", list(t.losses)),
-        "train.pretrain_steps": t.pretrain_steps,
-        "train.gan_steps": t.gan_steps,
+        "gan.steps": t.gan_steps,
         "train.val_every": t.report_every,
         "train.log_every": min(cfg.train.log_every, t.report_every),
     }
     if t.lr_gan:
-        over["train.lr_gan"] = trial.suggest_float("lr_gan", *t.lr_gan, log=True)
+        over["gan.lr"] = trial.suggest_float("lr_gan", *t.lr_gan, log=True)
     return replace(cfg, over)
 
 
 PARAM_KEYS = {"w_mse": "loss.w_mse", "w_vgg": "loss.w_vgg", "w_adv": "loss.w_adv",
-              "adv_loss": "adv.loss", "lr_gan": "train.lr_gan"}
+              "adv_loss": "adv.loss", "lr_gan": "gan.lr"}
 
 
 class PruningCallback(Callback):
@@ -133,29 +132,40 @@ class PruningCallback(Callback):
             raise optuna.TrialPruned(f"pruned at step {step} (val PSNR-Y {metrics['val_psnr_y']:.3f})")
 
 
-def _worker_id() -> str:
+def worker_id() -> str:
+    """This process as host:pid (recorded on trials and runs, to recognise dead ones)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _dead_here(worker: str) -> bool:
+    """``worker`` (host:pid) names a process of this host that no longer runs."""
+    w_host, _, pid = worker.partition(":")
+    return w_host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
 def recover_dead_trials(study) -> int:
-    """Fail RUNNING trials left by a killed process on this host and queue their params again.
+    """Fail RUNNING trials left by a killed process on this host and queue their params again;
+    their MLflow child runs (and the killed session's parent run) are ended KILLED.
 
     A journal file has no heartbeats, so a killed tune.py leaves its trial RUNNING forever; the
     trial never finished, so re-running it loses and repeats nothing.
     """
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
     n = 0
     for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = tr.user_attrs.get("worker", "")
-        w_host, _, pid = worker.partition(":")
-        if w_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+        if not _dead_here(worker):
             continue
-        study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
+        study.tell(tr.number, state=TrialState.FAIL)
         study.enqueue_trial(tr.params, user_attrs={"retry_of": tr.number})
         log.warning("trial %d was left running by a dead process (%s): failed and queued again", tr.number, worker)
+        for run_id in tracking.search_runs_by_tags({"optuna.study": study.study_name, "optuna.trial": str(tr.number)}):
+            tracking.end_if_running(run_id, "KILLED")
         n += 1
+    for run_id, tags in tracking.running_runs_with_tag("optuna.worker"):
+        if tags.get("optuna.study") == study.study_name and _dead_here(tags["optuna.worker"]):
+            tracking.end_if_running(run_id, "KILLED")
     return n
 
 
@@ -174,8 +184,8 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None):
-    """The objective: train one trial config, return validation PSNR-Y (and SSIM-Y)."""
+def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srresnet: Path, data_offset: int):
+    """The objective: train one trial config from the SRResNet, return validation PSNR-Y (and SSIM-Y)."""
     import optuna
 
     single = len(cfg.tune.objectives) == 1
@@ -183,17 +193,18 @@ def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None):
     def objective(trial: optuna.Trial):
         import keras
 
-        trial.set_user_attr("worker", _worker_id())
+        trial.set_user_attr("worker", worker_id())
         tcfg = suggest(trial, cfg)
         from .experiment import run_training
 
         keras.backend.clear_session()  # free the previous trial's graphs
         try:
             run_id, result = run_training(
-                tcfg, data, model_path=None, callbacks=[PruningCallback(trial, single)],
+                tcfg, "gan", data, callbacks=[PruningCallback(trial, single)],
                 parent_run_id=parent_run_id, run_name=f"trial-{trial.number}",
-                extra_tags={"optuna.study": trial.study.study_name, "optuna.trial": trial.number},
-                exception_status={optuna.TrialPruned: "KILLED"},
+                extra_tags={"optuna.study": trial.study.study_name, "optuna.trial": trial.number,
+                            "optuna.worker": worker_id()},
+                exception_status={optuna.TrialPruned: "KILLED"}, init_generator=srresnet, data_offset=data_offset,
             )
         except optuna.TrialPruned:
             raise
@@ -220,12 +231,13 @@ def _find_trial_run(study, trial) -> str | None:
 
 
 def run_study(cfg: Config, data: TrainData, study_name: str, storage_url: str | None,
-              n_trials: int | None, timeout: float | None, parent_run_id: str | None) -> Any:
+              n_trials: int | None, timeout: float | None, parent_run_id: str | None,
+              srresnet: Path, data_offset: int = 0) -> Any:
     """Add ``n_trials`` trials to the study in this process; returns the study."""
     study = open_study(cfg, study_name, storage_url, seed=None)
     recover_dead_trials(study)
     study.optimize(
-        make_objective(cfg, data, parent_run_id), n_trials=n_trials, timeout=timeout,
+        make_objective(cfg, data, parent_run_id, srresnet, data_offset), n_trials=n_trials, timeout=timeout,
         catch=(NonFiniteLossError,), callbacks=[tag_trial_run], gc_after_trial=True,
     )
     return study
@@ -295,30 +307,5 @@ def write_outputs(study, cfg: Config, out_dir: Path) -> dict[str, Path]:
 
 
 def apply_to_params(best: dict[str, Any], params_path: Path) -> list[str]:
-    """Write dotted-key values into params.yaml in place, keeping its comments and layout."""
-    lines = Path(params_path).read_text().splitlines(keepends=True)
-    changed = []
-    for dotted, value in best.items():
-        *sections, key = dotted.split(".")
-        depth, i, found = 0, 0, False
-        for sec in sections:  # walk down the indented sections
-            pat = re.compile(rf"^{'  ' * depth}{re.escape(sec)}:\s*(#.*)?$")
-            while i < len(lines) and not pat.match(lines[i].rstrip("\n")):
-                i += 1
-            depth += 1
-            i += 1
-        pat = re.compile(rf"^({'  ' * depth}{re.escape(key)}:\s*)([^#\n]*?)(\s*#.*)?$")
-        while i < len(lines):
-            m = pat.match(lines[i].rstrip("\n"))
-            if m:
-                val = repr(value) if isinstance(value, float) else str(value)
-                width = len(m.group(2))
-                lines[i] = f"{m.group(1)}{val.ljust(width) if m.group(3) else val}{m.group(3) or ''}\n"
-                changed.append(f"{dotted}: {m.group(2).strip()} -> {val}")
-                found = True
-                break
-            i += 1
-        if not found:
-            raise KeyError(f"{dotted}: not found in {params_path}")
-    write_text_atomic(Path(params_path), "".join(lines))
-    return changed
+    """Write the best trial's dotted-key values into params.yaml, keeping its comments and layout."""
+    return edit_params(params_path, best)

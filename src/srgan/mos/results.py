@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from srgan.fsutil import write_json_atomic, write_text_atomic
+from srgan.dataio import atomic_path, write_json_atomic, write_text_atomic
 
 from . import stats
 from .scale import LABELS, legend
@@ -152,10 +152,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=len(LABELS), fontsize=8, frameon=False)
     fig.suptitle(f"Mean opinion score: {res['n_ratings']} ratings, {res['n_raters']} raters", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_reports(res: dict[str, Any], out_dir: Path) -> list[Path]:

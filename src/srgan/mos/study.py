@@ -32,14 +32,15 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from srgan.images import ImageError, load_rgb
+from srgan import dataio, viz
+from srgan.images import ImageError
 from srgan.images import upscale_bicubic as _project_bicubic
 
 # (lr uint8 HxWx3, scale) -> sr uint8 (H*scale)x(W*scale)x3
@@ -120,11 +121,6 @@ class ModelMethod:
 # -- calibration methods -------------------------------------------------------------------------
 
 
-def upscale_nearest(lr: np.ndarray, scale: int) -> np.ndarray:
-    """Pixel replication (exactly what PIL's NEAREST does for integer factors)."""
-    return np.repeat(np.repeat(lr, scale, axis=0), scale, axis=1)
-
-
 # The project's one bicubic (PIL, a = -0.5, float32 per channel, rounded once), so the study's
 # bicubic anchor is pixel for pixel the evaluation's bicubic baseline.
 upscale_bicubic: Upscaler = _project_bicubic
@@ -199,10 +195,11 @@ def model_method(spec: str, tile: int = 0, overlap: int = 16) -> ModelMethod:
     return ModelMethod(name, upscale, source=source, run_id=run_id)
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+def _pairs(valid_dir: Path, stems: list[str]) -> Iterator[dataio.Pair]:
+    """The chosen validation pairs; a missing or broken file is a StudyError naming it."""
     try:
-        return load_rgb(path)
-    except ImageError as exc:
+        yield from dataio.iter_pairs(valid_dir, names=stems)
+    except (ImageError, FileNotFoundError, ValueError) as exc:
         raise StudyError(str(exc)) from None
 
 
@@ -256,13 +253,6 @@ def blind_png(img: np.ndarray) -> bytes:
             + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 0)) + _png_chunk(b"IEND", b""))
 
 
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def blinding_problems(study: Study) -> list[str]:
     """Images whose servable stimuli differ in byte size (so size would name the method); [] if none."""
     sizes: dict[str, set[int]] = {}
@@ -271,17 +261,6 @@ def blinding_problems(study: Study) -> list[str]:
         if path is not None:
             sizes.setdefault(stim.image, set()).add(path.stat().st_size)
     return sorted(img for img, s in sizes.items() if len(s) > 1)
-
-
-def _pairs(valid_dir: Path) -> list[str]:
-    hr_dir, lr_dir = valid_dir / "hr", valid_dir / "lr"
-    stems = sorted(p.stem for p in hr_dir.glob("*.png")) if hr_dir.is_dir() else []
-    if not stems:
-        raise StudyError(f"no validation images in {hr_dir} (run the preprocess stage first)")
-    missing = [s for s in stems if not (lr_dir / f"{s}.png").is_file()]
-    if missing:
-        raise StudyError(f"{lr_dir}: no LR image for {', '.join(missing[:5])}")
-    return stems
 
 
 # -- build / load --------------------------------------------------------------------------------
@@ -316,7 +295,10 @@ def prepare_study(
     if crop < 0 or images < 0:
         raise StudyError("--crop and --images must be >= 0")
 
-    stems = _pairs(valid_dir)
+    try:
+        stems = [p.stem for p in dataio.pair_files(valid_dir)]
+    except FileNotFoundError as exc:
+        raise StudyError(str(exc)) from None
     if images and images < len(stems):
         # Seeded sample, kept in name order: reproducible and not biased to the first files.
         stems = sorted(random.Random(seed).sample(stems, images))
@@ -327,7 +309,7 @@ def prepare_study(
         **{m.name: {"kind": "model", "source": m.source, "run_id": m.run_id} for m in models},
         "hr": {"kind": "hr", "source": "", "run_id": None},
     }
-    upscalers: dict[str, Upscaler] = {"nearest": upscale_nearest, "bicubic": upscale_bicubic}
+    upscalers: dict[str, Upscaler] = {"nearest": viz.upscale_nearest, "bicubic": upscale_bicubic}
     upscalers.update({m.name: m.upscale for m in models})
 
     created = datetime.now(timezone.utc).replace(microsecond=0)
@@ -338,12 +320,9 @@ def prepare_study(
         (tmp / "stimuli").mkdir()
         stimuli: dict[str, dict] = {}
         scale = None
-        for stem in stems:
-            hr = _read_rgb(valid_dir / "hr" / f"{stem}.png")
-            lr = _read_rgb(valid_dir / "lr" / f"{stem}.png")
+        for pair in _pairs(valid_dir, stems):
+            stem, hr, lr = pair.name, pair.hr, pair.lr
             s = hr.shape[0] // lr.shape[0]
-            if hr.shape[:2] != (lr.shape[0] * s, lr.shape[1] * s) or s < 1:
-                raise StudyError(f"{stem}: HR {hr.shape[:2]} is not an integer multiple of LR {lr.shape[:2]}")
             if scale is None:
                 scale = s
             elif s != scale:
@@ -360,7 +339,7 @@ def prepare_study(
                 sid = secrets.token_hex(8)
                 while sid in stimuli:  # pragma: no cover - 64-bit collision
                     sid = secrets.token_hex(8)
-                _write_durable(tmp / "stimuli" / f"{sid}.png", blind_png(img))
+                dataio.write_bytes_atomic(tmp / "stimuli" / f"{sid}.png", blind_png(img))
                 stimuli[sid] = {
                     "image": stem, "method": name, "run_id": info["run_id"], "file": f"{sid}.png",
                     "box": list(box), "width": int(img.shape[1]), "height": int(img.shape[0]),

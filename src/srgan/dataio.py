@@ -1,0 +1,194 @@
+"""Files: atomic writes, JSON, hashing, manifests and validation pairs (no TensorFlow here).
+
+Every output of the project is written through :func:`atomic_write` (a temp file in the same
+folder, fsync, rename), so a kill at any moment leaves the previous file or the new one, never a
+half-written file that looks whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+CHUNK = 1 << 20  # bytes read at a time when hashing / copying
+MANIFEST_NAME = "manifest.json"  # data/processed/manifest.json, written last by preprocess
+SUMMARY_NAME = "summary.json"  # reports/<stage>/summary.json of a training stage: run id, steps, metrics
+HISTORY_NAME = "history.csv"  # reports/<stage>/history.csv: the training curves
+
+
+# --------------------------------------------------------------------------- atomic writes
+@contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kw: Any) -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path`` for writing; on success it is fsynced and renamed onto
+    ``path``, on any error (or a kill) it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp path beside ``path`` with the same suffix (for writers that want a file name, such
+    as Keras' ``Model.save``); renamed onto ``path`` when the block succeeds, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    """Write pretty, key-sorted JSON atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_csv_atomic(path: str | os.PathLike[str], rows: Sequence[dict[str, Any]],
+                     fieldnames: Sequence[str] | None = None, float_format: str | None = None) -> None:
+    """Write dict rows as CSV atomically (columns: ``fieldnames`` or the union of the rows' keys)."""
+    if fieldnames is None:
+        fieldnames = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fieldnames))
+    w.writeheader()
+    for r in rows:
+        if float_format:
+            r = {k: (format(v, float_format) if isinstance(v, float) else v) for k, v in r.items()}
+        w.writerow(r)
+    write_text_atomic(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------- reading
+class DataFileError(ValueError):
+    """A project file exists but cannot be read (corrupt JSON, wrong shape)."""
+
+
+def read_json(path: str | os.PathLike[str], default: Any = None, *, strict: bool = False) -> Any:
+    """JSON content of ``path``; ``default`` if it does not exist.
+
+    A file that exists but does not parse gives ``default`` too, unless ``strict`` (then a
+    DataFileError naming the file): most callers treat a damaged bookkeeping file as absent.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        if strict:
+            raise DataFileError(f"{path}: not readable JSON ({exc})") from None
+        return default
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """Rows of a CSV file as dicts of strings; [] if the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------------- hashing
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_digest(obj: Any) -> str:
+    """SHA-256 of the canonical (sorted, compact) JSON of ``obj``."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- processed data
+def read_manifest(processed_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """data/processed/manifest.json ({} when absent or damaged: then the data is incomplete)."""
+    data = read_json(Path(processed_dir) / MANIFEST_NAME, {})
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One evaluation image: its name and the aligned LR / HR uint8 arrays."""
+
+    name: str
+    lr: np.ndarray
+    hr: np.ndarray
+
+
+def pair_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The HR files of an evaluation folder (``<folder>/hr/*.png`` with ``lr/`` beside), sorted."""
+    folder = Path(folder)
+    files = sorted((folder / "hr").glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"no validation images in {folder / 'hr'}: run the preprocess stage first")
+    return files
+
+
+def iter_pairs(folder: str | os.PathLike[str], limit: int = 0,
+               names: Sequence[str] | None = None) -> Iterator[Pair]:
+    """(name, lr, hr) of every image of an evaluation folder, one at a time (bounded memory).
+
+    ``folder`` holds ``hr/<name>.png`` and ``lr/<name>.png`` (data/processed/valid, a benchmark
+    set); ``limit`` > 0 takes the first ``limit`` by name, ``names`` only those images. HR must be
+    an integer multiple of LR.
+    """
+    from . import images
+
+    files = pair_files(folder)
+    if names is not None:
+        files = [f for f in files if f.stem in set(names)]
+    for hr_path in files[:limit] if limit > 0 else files:
+        lr_path = hr_path.parent.parent / "lr" / hr_path.name
+        if not lr_path.is_file():
+            raise FileNotFoundError(f"{lr_path} is missing for {hr_path}: re-run the preprocess stage")
+        hr, lr = images.load_rgb(hr_path), images.load_rgb(lr_path)
+        (hh, hw), (lh, lw) = hr.shape[:2], lr.shape[:2]
+        if hh % lh or hw % lw or hh // lh != hw // lw:
+            raise ValueError(f"{hr_path.name}: HR {hw}x{hh} is not an integer multiple of LR {lw}x{lh}")
+        yield Pair(hr_path.stem, lr, hr)
+
+
+def load_pairs(folder: str | os.PathLike[str], limit: int = 0) -> list[Pair]:
+    """All pairs of :func:`iter_pairs` in memory (for the few images validated during training)."""
+    return list(iter_pairs(folder, limit))
