@@ -8,15 +8,16 @@ MLFLOW_PORT ?= 5000
 # dvc.yaml's commands say `python`: make it the venv's
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-fast bench compare tune mlflow-server sysdeps clean-venv
+.PHONY: setup repro test test-fast bench study compare tune mlflow-server sysdeps clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-nodeps.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (this project needs Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
 # Main job: the whole DVC pipeline on the embedded (offline) sample set.
@@ -39,6 +40,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python src/bench.py
+
+# The loss study: every adversarial objective x 2 seeds from the one SRResNet -> reports/compare/
+study: setup
+	$(BIN)/python src/compare.py --run
 
 compare: setup
 	$(BIN)/python src/compare.py

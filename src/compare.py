@@ -1,37 +1,68 @@
-"""Compare the runs of an MLflow experiment by adversarial loss and Per-Pix weights.
+"""The loss study: every adversarial objective x seeds (x generators), as queued DVC experiments
+from the one pretrained generator, compared in reports/compare/index.html.
 
-    python src/compare.py [--experiment srgan] [--include-trials] [--out reports/compare]
+    python src/compare.py --run [--jobs N]     # make study: queue, run, collect, report
+    python src/compare.py [--study STUDY_ID]   # rebuild the report of a study from MLflow
 
-Writes reports/compare/runs.{md,csv,png} and refreshes reports/index.html if it exists.
+What is compared comes from params.yaml ``study.*``; each cell's run is found in MLflow by the
+digest of its training params, nested under the study's parent run, and shown side by side.
 """
 
-from pathlib import Path
+import os
+import subprocess
+import time
 
-from srgan import cli, config
-from srgan.config import ROOT
+from srgan import cli
+from srgan.config import ROOT, Config
 
 
-def main() -> None:
-    ap = cli.parser(__doc__)
-    ap.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
-    ap.add_argument("--include-trials", action="store_true", help="also list tune.py trials")
-    ap.add_argument("--out", default=str(ROOT / "reports/compare"))
-    args = ap.parse_args()
-    cli.setup_logging()
-    cfg = config.load(args.params)
-    from srgan import compare, report
+def main(cfg: Config, args) -> None:
+    from srgan import dataio, report, study, tracking
 
-    exp = args.experiment or cfg.tracking.experiment
-    rows = compare.collect(exp, include_trials=args.include_trials)
-    if not rows:
-        raise cli.UserError(f"no finished runs with metrics in MLflow experiment '{exp}'")
-    paths = compare.write(rows, Path(args.out))
-    print(paths["md"].read_text())
-    reports = Path(args.out).parent
-    if (reports / "index.html").exists():
-        report.build(reports, cfg.flat())
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if args.run:
+        study_id = args.study or study.new_study_id()
+        # the pretrained generator (and everything before it) first: every experiment then gets it
+        # from DVC's run cache instead of training it again
+        out = subprocess.run(["dvc", "repro", "pretrain"], cwd=ROOT)
+        if out.returncode:
+            raise cli.UserError("dvc repro pretrain failed: the study needs the pretrained generator first")
+        tracking.ensure_store()
+        parent = tracking.start_run(cfg.tracking.experiment, run_name=study_id,
+                                    tags={"kind": "study", "study": study_id})
+        parent.log_params(cfg.flat(("study",)))
+        started = time.time()
+        with tracking.run_context(parent):
+            exps = study.plan(cfg, study_id)
+            jobs = args.jobs or cfg.study.jobs or max(1, (os.cpu_count() or 2) // 2)
+            study.run_experiments(exps, jobs)
+            rows = study.collect(cfg, exps, parent.run_id, study_id)
+            seconds = time.time() - started
+            page = study.write_report(cfg, rows, args.out, args.processed / "valid", args.srresnet,
+                                      study_id, seconds)
+            parent.log_metrics({"study_seconds": seconds, "runs": len(rows)})
+            parent.log_artifacts(args.out, "compare")
+        missing = len(exps) - len(rows)
+        if missing:
+            print(f"warning: {missing} of {len(exps)} experiments have no finished run (see `dvc queue status`)")
+    else:
+        study_id = args.study or dataio.read_json(args.out / "study.json", {}).get("study")
+        if not study_id:
+            raise cli.UserError(f"no study yet in {args.out}: run `python src/compare.py --run` (make study)")
+        exps = study.plan(cfg, study_id)
+        rows = study.collect(cfg, exps)
+        page = study.write_report(cfg, rows, args.out, args.processed / "valid", args.srresnet, study_id)
+    if (args.out.parent / "index.html").exists():
+        report.build(args.out.parent, cfg.flat())
+    print(f"study {study_id}: {len(rows)} runs -> {page}")
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    import argparse
+
+    # --run / --study / --jobs next to the stage-style path options
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--run", action="store_true", help="queue and run the experiments first")
+    extra.add_argument("--study", help="study id (default: new with --run, else the last one)")
+    extra.add_argument("--jobs", type=int, default=0, help="experiments at once (default: study.jobs)")
+    cli.stage(main, __doc__, {"out": "reports/compare", "processed": "data/processed",
+                              "srresnet": "models/srresnet.keras"}, parents=[extra])

@@ -1,7 +1,7 @@
 """Evaluate stage: bicubic, the SRResNet and the SRGAN on every evaluation set (PSNR-Y, SSIM-Y, ...).
 
-    python src/evaluate.py [--params params.yaml] [--processed data/processed] [--srresnet models/srresnet.keras]
-                           [--model models/generator.keras] [--reports reports]
+    python src/evaluate.py [--params params.yaml] [--processed data/processed] [--benchmarks data/benchmarks]
+                           [--srresnet models/srresnet.keras] [--model models/generator.keras] [--reports reports]
 
 Writes reports/metrics.json, reports/per_image.csv, reports/eval/ and reports/index.html, and logs
 each generator's numbers (``eval/<set>/<metric>``) to its MLflow run.
@@ -19,21 +19,27 @@ def main(cfg: Config, args) -> None:
 
     reports = args.reports
     generators = {"srresnet": args.srresnet, "srgan": args.model}
-    sets = {"valid": args.processed / "valid"}
-    summary = evaluate.evaluate(cfg.evaluate, cfg.preprocess.scale, generators, sets, reports)
+    sets = {s: args.processed / "valid" if s == "valid" else args.benchmarks / s for s in cfg.evaluate.sets}
+    summary = evaluate.evaluate(cfg.evaluate, cfg.preprocess.scale, generators, sets, reports,
+                                niqe_dir=args.benchmarks / "niqe")
     page = report.build(reports, cfg.flat())
     for method, stage in (("srresnet", "pretrain"), ("srgan", "train")):
         run_id = dataio.read_json(reports / stage / SUMMARY_NAME, {}).get("run_id")
         if run_id:
             tracking.log_to_run(run_id, evaluate.run_metrics(summary, method),
                                 [reports / "metrics.json", reports / "per_image.csv", page], "eval")
-    v = summary["valid"]
-    logging.getLogger("evaluate").info(
-        "valid PSNR-Y: bicubic %.2f, SRResNet %.2f (%+.2f), SRGAN %.2f (%+.2f) dB; report: %s",
-        v["bicubic"]["psnr_y"], v["srresnet"]["psnr_y"], v["srresnet"]["psnr_y_gain"],
-        v["srgan"]["psnr_y"], v["srgan"]["psnr_y_gain"], page)
+    for name in cfg.evaluate.sets:
+        v = summary[name]
+        niqe = {m: v[m].get("niqe") for m in ("bicubic", "srresnet", "srgan")}
+        logging.getLogger("evaluate").info(
+            "%s PSNR-Y: bicubic %.2f, SRResNet %.2f (%+.2f), SRGAN %.2f (%+.2f) dB%s", name,
+            v["bicubic"]["psnr_y"], v["srresnet"]["psnr_y"], v["srresnet"]["psnr_y_gain"],
+            v["srgan"]["psnr_y"], v["srgan"]["psnr_y_gain"],
+            "" if None in niqe.values() else "; NIQE " + ", ".join(f"{m} {x:.2f}" for m, x in niqe.items()))
+    print(f"report: {page}")
 
 
 if __name__ == "__main__":
-    cli.stage(main, __doc__, {"processed": "data/processed", "srresnet": "models/srresnet.keras",
-                              "model": "models/generator.keras", "reports": "reports"})
+    cli.stage(main, __doc__, {"processed": "data/processed", "benchmarks": "data/benchmarks",
+                              "srresnet": "models/srresnet.keras", "model": "models/generator.keras",
+                              "reports": "reports"})

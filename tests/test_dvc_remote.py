@@ -21,7 +21,7 @@ import yaml
 from conftest import TINY
 from srgan import config
 
-STAGES = ("fetch", "preprocess", "train", "evaluate")
+STAGES = ("fetch", "preprocess", "evalsets", "pretrain", "train", "evaluate")
 # cache: false outs that are local working state (resumable archive downloads, training checkpoints):
 # neither pushed to the remote nor committed to git
 LOCAL_STATE = ("data/downloads", "models/checkpoints")
@@ -89,7 +89,7 @@ def test_clone_pulls_from_the_remote_and_reproduces_nothing(project_copy, tmp_pa
     _sh(["git", "clone", "-q", str(proj), str(clone)], tmp_path, env)
     assert not (clone / "models" / "generator.keras").exists()
     _sh(["dvc", "pull"], clone, env)
-    for f in ("models/generator.keras", "data/processed/manifest.json", "reports/eval/chelsea_compare.png"):
+    for f in ("models/generator.keras", "data/processed/manifest.json", "reports/eval/valid/kodim23_compare.png", "models/srresnet.keras"):
         assert (clone / f).read_bytes() == (proj / f).read_bytes(), f
     assert sorted(p.name for p in (clone / "data/processed/train").iterdir()) == \
         sorted(p.name for p in (proj / "data/processed/train").iterdir())

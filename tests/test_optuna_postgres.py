@@ -9,17 +9,15 @@ workers at once on an empty database and the bare ``postgresql://`` URL form.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from _servers import mlflow_server, postgres_server, require_postgres
-from conftest import TINY
+from conftest import TINY, write_params
 from srgan import config
 from srgan.config import ROOT
 
@@ -29,17 +27,16 @@ STUDY = "srgan-perpix"
 
 
 def _params(path: Path) -> Path:
-    data = json.loads(json.dumps(TINY))
-    config.set_dotted(data, "tune.pruner", "none")  # every trial runs to COMPLETE
-    config.from_dict(data)
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_params(path, **{"tune.pruner": "none"})  # every trial runs to COMPLETE
 
 
-def _tune(machine: Path, params: Path, processed: Path, storage: str, tracking: str, *args: str):
+def _tune(machine: Path, params: Path, processed: tuple[Path, Path], storage: str, tracking: str, *args: str):
     machine.mkdir(parents=True, exist_ok=True)
+    processed_dir, pretrained = processed
     cmd = [sys.executable, str(ROOT / "src" / "tune.py"), "--params", str(params), "--storage", storage,
-           "--processed", str(processed), "--out", str(machine / "reports" / "tune"), *args]
+           "--processed", str(processed_dir), "--out", str(machine / "reports" / "tune"),
+           "--srresnet", str(pretrained / "models" / "srresnet.keras"),
+           "--pretrain-reports", str(pretrained / "reports" / "pretrain"), *args]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
     with (machine / "tune.log").open("a") as log:  # a file, not a pipe: no worker waits for a reader
         proc = subprocess.Popen(cmd, cwd=machine, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -55,7 +52,7 @@ def _wait(procs) -> None:
 
 
 @pytest.mark.slow
-def test_workers_on_two_machines_share_one_postgres_study(processed_dir, tmp_path):
+def test_workers_on_two_machines_share_one_postgres_study(processed_dir, pretrained, tmp_path):
     require_postgres()
     import optuna
     from mlflow import MlflowClient
@@ -67,7 +64,7 @@ def test_workers_on_two_machines_share_one_postgres_study(processed_dir, tmp_pat
         # in an empty database can crash: test_workers_starting_at_once_on_an_empty_database)
         optuna.storages.RDBStorage(storage).engine.dispose()
         # two machines, started at the same time: both create-or-load the study
-        _wait([_tune(tmp_path / f"machine{i}", params, processed_dir, storage, tracking, "--n-trials", "1")
+        _wait([_tune(tmp_path / f"machine{i}", params, (processed_dir, pretrained), storage, tracking, "--n-trials", "1")
                for i in (1, 2)])
         trials = optuna.load_study(study_name=STUDY, storage=storage).trials
         assert sorted(t.number for t in trials) == [0, 1]
@@ -75,7 +72,7 @@ def test_workers_on_two_machines_share_one_postgres_study(processed_dir, tmp_pat
         assert len({t.user_attrs["worker"] for t in trials}) == 2
 
         # one machine with two local worker processes adds to the same study
-        _wait([_tune(tmp_path / "machine3", params, processed_dir, storage, tracking,
+        _wait([_tune(tmp_path / "machine3", params, (processed_dir, pretrained), storage, tracking,
                      "--n-trials", "2", "--workers", "2")])
         study = optuna.load_study(study_name=STUDY, storage=storage)
         trials = study.trials
@@ -120,7 +117,7 @@ def test_bare_postgresql_url_opens_a_study(tmp_path):
 
 OPEN_STUDY = """
 import sys, time
-from conftest import TINY
+from conftest import TINY, write_params
 from srgan import config, tune
 storage, start = sys.argv[1], float(sys.argv[2])
 time.sleep(max(start - time.time(), 0))  # all processes open the storage at the same moment

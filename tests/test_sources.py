@@ -170,16 +170,19 @@ def test_sample_is_offline_and_split_as_specified(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     manifest = fetch(_cfg({}), tmp_path / "raw", tmp_path / "dl")
-    raw, src = tmp_path / "raw", sample_dir()
+    raw = tmp_path / "raw"
     assert sorted(p.name for p in (raw / "train").iterdir()) == sorted(SAMPLE_TRAIN)
-    assert sorted(p.name for p in (raw / "valid").iterdir()) == ["chelsea.png", "rocket.jpg"]
-    assert len(SAMPLE_TRAIN) == 7 and set(SAMPLE_TRAIN).isdisjoint(SAMPLE_VALID)
+    # the five lossless sporco photos, no JPEG among them
+    assert sorted(p.name for p in (raw / "valid").iterdir()) == [
+        "barbara.png", "kodim23.png", "monarch.png", "sail.png", "tulips.png"]
+    assert set(SAMPLE_TRAIN).isdisjoint(SAMPLE_VALID) and "rocket.jpg" not in SAMPLE_TRAIN + SAMPLE_VALID
     assert {"motorcycle_left.png", "motorcycle_right.png"} <= set(SAMPLE_TRAIN)  # near-duplicates together
-    for split in ("train", "valid"):
+    for split, src in (("train", sample_dir("skimage")), ("valid", sample_dir("sporco"))):
         for p in (raw / split).iterdir():
             assert p.read_bytes() == (src / p.name).read_bytes()  # byte-for-byte copies
             assert manifest["splits"][split][p.name] == hashlib.sha256(p.read_bytes()).hexdigest()
     assert manifest["source"] == "sample" and manifest["archives"] == []
+    assert set(manifest["details"]["packages"]) == {"scikit-image", "sporco"}
     assert not (tmp_path / "dl").exists()
 
 
@@ -262,7 +265,7 @@ def test_cli_sample_and_one_line_errors(tmp_path):
     params = write_params(tmp_path / "params.yaml", **{"data.source": "sample"})
     out = _fetch_cli(params, tmp_path / "raw", tmp_path)
     assert out.returncode == 0, out.stderr
-    assert json.loads((tmp_path / "raw/fetch.json").read_text())["counts"] == {"train": 7, "valid": 2}
+    assert json.loads((tmp_path / "raw/fetch.json").read_text())["counts"] == {"train": len(SAMPLE_TRAIN), "valid": 5}
 
     params.write_text(params.read_text().replace("source: sample", "source: nope"))
     out = _fetch_cli(params, tmp_path / "raw", tmp_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -105,10 +104,10 @@ def test_pruning_callback_prunes_a_trial_below_the_median(tmp_path):
         for step in (2, 4, 6):
             t.report(value, step)
         study.tell(t, value)
-    good = tune.PruningCallback(study.ask(), single_objective=True)
+    good = tune.PruningCallback(study.ask(), ["psnr_y"])
     good.on_validation(2, {"val_psnr_y": 35.0}, None)  # above the median: continues
     good.on_validation(4, {"val_psnr_y": 36.0}, None)
-    bad = tune.PruningCallback(study.ask(), single_objective=True)
+    bad = tune.PruningCallback(study.ask(), ["psnr_y"])
     with pytest.raises(optuna.TrialPruned, match="pruned at step 2"):
         bad.on_validation(2, {"val_psnr_y": 10.0}, None)  # below the median of earlier trials
 

@@ -19,9 +19,10 @@ class UserError(RuntimeError):
     """An expected failure with a message for the user (no traceback)."""
 
 
-def parser(doc: str | None) -> argparse.ArgumentParser:
+def parser(doc: str | None, parents: list[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
     """Argument parser of a stage script: its docstring as help, and ``--params``."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 parents=parents or [])
     ap.add_argument("--params", default=str(PARAMS_PATH), help="params file (default: params.yaml)")
     return ap
 
@@ -72,11 +73,13 @@ def run_main(main: Callable[[], object], expected: tuple[type[BaseException], ..
 
 
 def stage(main: Callable[[Config, argparse.Namespace], object], doc: str | None, paths: dict[str, str], *,
-          onednn: bool = False, expected: tuple[type[BaseException], ...] = ()) -> None:
+          onednn: bool = False, expected: tuple[type[BaseException], ...] = (),
+          parents: list[argparse.ArgumentParser] | None = None) -> None:
     """Run a DVC stage script: ``--params`` plus one ``--<name> PATH`` option per entry of ``paths``
     (defaults relative to the project root; dvc.yaml spells them out), logging, the validated config,
-    and one-line errors. ``onednn``: apply ``train.onednn`` before TensorFlow is imported."""
-    ap = parser(doc)
+    and one-line errors. ``onednn``: apply ``train.onednn`` before TensorFlow is imported;
+    ``parents``: parsers with the script's other options."""
+    ap = parser(doc, parents)
     for name, default in paths.items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=Path, default=ROOT / default, help=f"default: {default}")
     args = ap.parse_args()

