@@ -8,17 +8,24 @@ MLFLOW_PORT ?= 5000
 # dvc.yaml's commands say `python`: make it the venv's
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup repro test test-fast bench study compare tune mlflow-server sysdeps clean-venv
+.PHONY: setup lock repro test test-fast bench study compare tune mlflow-server sysdeps clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-nodeps.txt
+$(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (this project needs Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .   # the `srgan` command; code stays in src/
 	touch $(STAMP)
+
+# Re-pin requirements.lock from pyproject.toml's direct dependencies (needs the package index).
+lock: setup
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra export --python-version 3.11 \
+	  --annotation-style line -o requirements.lock
 
 # Main job: the whole DVC pipeline on the embedded (offline) sample set.
 repro: setup

@@ -40,3 +40,24 @@ def test_too_late_after_tensorflow_import_is_reported():
     out = _probe(True, before="import tensorflow")
     assert out.stdout.split() == ["unset", "None"], out.stderr
     assert "train.onednn has no effect" in out.stderr
+
+
+def test_installed_srgan_command_lists_and_runs_subcommands(tmp_path):
+    """`pip install -e .` (make setup) provides `srgan`; it works from any working directory."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "srgan"
+    if not exe.exists():
+        exe = shutil.which("srgan")
+    assert exe, "the srgan command is not installed: make setup runs `pip install -e .`"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0
+    for cmd in ("upscale", "tune", "study", "mos", "export", "bench"):
+        assert f"\n  {cmd} " in out.stdout, out.stdout
+    sub = subprocess.run([str(exe), "upscale", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert sub.returncode == 0 and "--model" in sub.stdout
+    bad = subprocess.run([str(exe), "nope"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr

@@ -92,3 +92,44 @@ def stage(main: Callable[[Config, argparse.Namespace], object], doc: str | None,
         main(cfg, args)
 
     run_main(run, expected)
+
+
+# `srgan <command>`: the installed command; each runs the script of the same name in src/ (the DVC
+# stage entry points and tools stay the one implementation, the command only finds them).
+COMMANDS = {
+    "upscale": ("upscale", "upscale images with a trained generator (path, runs:/, models:/)"),
+    "export": ("export", "export a generator: SavedModel, ONNX, LiteRT"),
+    "tune": ("tune", "Optuna search over the Per-Pix loss weights"),
+    "study": ("compare", "the loss study (--run) and its report"),
+    "mos": ("mos", "blind mean-opinion-score rating: prepare, serve, results"),
+    "bench": ("bench", "speed benchmark"),
+    "fetch": ("fetch", "pipeline stage: fetch data"),
+    "preprocess": ("preprocess", "pipeline stage: preprocess"),
+    "pretrain": ("pretrain", "pipeline stage: SRResNet pre-training"),
+    "train": ("train", "pipeline stage: adversarial training"),
+    "evaluate": ("evaluate", "pipeline stage: evaluate"),
+}
+SCRIPTS = Path(__file__).resolve().parents[1]  # src/: the scripts beside the package
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``srgan <command> [args]``: run one of the project's scripts with ``args``."""
+    import runpy
+
+    argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: srgan <command> [options]   (srgan <command> --help for its options)\n\ncommands:\n" + \
+        "\n".join(f"  {name:<11} {doc}" for name, (_, doc) in COMMANDS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        sys.exit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n\n{usage}", file=sys.stderr)
+        sys.exit(2)
+    script = SCRIPTS / f"{COMMANDS[name][0]}.py"
+    if not script.is_file():
+        print(f"error: {script} not found: the srgan command runs the scripts of a checkout "
+              "(install with `pip install -e .` from the repository)", file=sys.stderr)
+        sys.exit(1)
+    sys.argv = [f"srgan {name}", *rest]
+    runpy.run_path(str(script), run_name="__main__")
