@@ -136,3 +136,27 @@ def test_make_strategy_none_and_auto_on_a_cpu():
         assert make_strategy("auto").num_replicas_in_sync == 1
     with pytest.raises(ValueError, match="train.distribute"):
         make_strategy("tpu")
+
+
+def test_precision_auto_follows_native_bf16():
+    from srgan.distribute import choose_precision, cpu_flags
+
+    import tensorflow as tf
+
+    assert choose_precision("float32") == ("float32", "set by train.precision")
+    assert choose_precision("mixed_bfloat16")[0] == "mixed_bfloat16"
+    if not tf.config.list_physical_devices("GPU"):  # on a CPU it is the flags that decide
+        amx = choose_precision("auto", {"avx2", "amx_bf16", "amx_tile"})
+        assert amx == ("mixed_bfloat16", "auto: CPU has amx_bf16")
+        assert choose_precision("auto", {"avx2", "fma"})[0] == "float32"
+        here = choose_precision("auto")
+        assert here[0] == ("mixed_bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_flags() else "float32")
+
+
+def test_make_strategy_multi_worker_needs_tf_config(monkeypatch):
+    from srgan.distribute import ClusterError, make_strategy
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    # refused before TensorFlow sees the cluster (tests/test_multiworker.py trains with two workers)
+    with pytest.raises(ClusterError, match="multi_worker reads the cluster from TF_CONFIG, which is not set"):
+        make_strategy("multi_worker")

@@ -7,17 +7,25 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from srgan.config import DiscriminatorConfig, GeneratorConfig, section
+from srgan.config import ConfigError, DiscriminatorConfig, EdsrConfig, GeneratorConfig, RrdbConfig, section
 from srgan.models import (
+    BICUBIC_RADIUS,
     BicubicUpsample,
     PixelShuffle,
+    bicubic_phase_taps,
     build_discriminator,
     build_generator,
     generator_flops,
     load_generator,
+    receptive_radius,
 )
 
 TINY_G = dict(blocks=1, filters=4)
+TINY_RRDB = section(RrdbConfig, growth=2, dense_layers=3)
+ARCHS = ("srresnet", "edsr", "rrdb")
+# Conv bicubic vs tf.image.resize: float32 sums in another order (measured max 3.6e-7 on [0, 1]).
+BICUBIC_TOL = 1e-5
+XLA_TOL = 1e-5  # XLA fuses and reorders float32 sums
 TINY_D = section(DiscriminatorConfig, filters=2, dense=8, batch_norm=True)
 
 
@@ -167,3 +175,190 @@ def test_flops_hand_count_generator():
     light = build_generator(section(GeneratorConfig, blocks=1, filters=f, bicubic_skip=True, upsampler="light"), 2)
     # same trunk; the head is one 3x3 conv to 3 * 2^2 channels at LR resolution
     assert generator_flops(light, (h, w)) == 2 * (p * 81 * 3 * f + 3 * p * 9 * f * f + p * 9 * f * 12)
+
+
+# --------------------------------------------------------------------------- EDSR / RRDB generators
+def _tiny(arch: str, **kw) -> GeneratorConfig:
+    """A tiny generator config of ``arch`` (RRDB: growth 2, 3 convs per dense block)."""
+    return section(GeneratorConfig, **{**TINY_G, "arch": arch, "rrdb": TINY_RRDB, **kw})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("upsampler", ["light", "paper"])
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_every_arch_shapes_and_untrained_is_bicubic(arch, upsampler, scale):
+    g = build_generator(_tiny(arch, upsampler=upsampler, bicubic_skip=True), scale)
+    for h, w in [(5, 6), (3, 4)]:  # any LR size, same model
+        x = _lr(2, h, w)
+        out = g(x)
+        assert out.dtype == "float32" and tuple(out.shape) == (2, h * scale, w * scale, 3)
+        # zero-initialised output conv + bicubic skip: the untrained generator *is* bicubic
+        bicubic = tf.image.resize(x, (h * scale, w * scale), "bicubic")
+        np.testing.assert_allclose(out, bicubic, atol=BICUBIC_TOL)
+    no_skip = build_generator(_tiny(arch, upsampler=upsampler, bicubic_skip=False), scale)
+    assert "bicubic" not in [layer.name for layer in no_skip.layers]
+    assert np.abs(no_skip(x)).max() > 0  # glorot-initialised head without the skip
+
+
+def test_edsr_layout():
+    scaled = section(EdsrConfig, res_scale=0.1)
+    g = build_generator(_tiny("edsr", blocks=2, upsampler="paper", edsr=scaled), 4)
+    names = {layer.name for layer in g.layers}
+    paper_only = (keras.layers.BatchNormalization, keras.layers.PReLU)  # SRResNet's layers
+    assert not any(isinstance(layer, paper_only) for layer in g.layers)
+    assert g.get_layer("res0_conv1").activation is keras.activations.relu
+    assert g.get_layer("res1_scale").scale == 0.1 and "trunk_add" in names
+    assert g.get_layer("output_conv").kernel_size == (3, 3)  # EDSR's 3x3 tail, not SRResNet's 9x9
+    # res_scale 1 adds no layer
+    plain = build_generator(_tiny("edsr"), 4)
+    assert not any(isinstance(layer, keras.layers.Rescaling) for layer in plain.layers)
+
+
+def test_rrdb_layout():
+    blocks, f, grow, dense = 2, 4, 2, 3
+    rrdb = section(RrdbConfig, growth=grow, dense_layers=dense)
+    cfg = _tiny("rrdb", blocks=blocks, upsampler="paper", rrdb=rrdb)
+    g = build_generator(cfg, 4)
+    convs = [layer for layer in g.layers if isinstance(layer, keras.layers.Conv2D)]
+    # input conv, 3 dense blocks x dense_layers convs per RRDB, trunk conv, 2 up convs, HR conv, output
+    assert len(convs) == 1 + blocks * 3 * dense + 1 + 2 + 2
+    # dense connections: conv k reads the block input and every earlier conv's growth channels
+    for k in range(dense):
+        conv = g.get_layer(f"rrdb0_rdb0_conv{k}")
+        assert conv.input.shape[-1] == f + k * grow
+        assert conv.filters == (f if k == dense - 1 else grow)
+    assert g.get_layer("rrdb0_rdb2_scale").scale == g.get_layer("rrdb1_scale").scale == cfg.rrdb.res_scale
+    assert isinstance(g.get_layer("up1_nearest"), keras.layers.UpSampling2D)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in g.layers)
+
+
+def test_batch_norm_is_refused_outside_srresnet():
+    with pytest.raises(ConfigError, match="model.generator.batch_norm: true is only allowed with arch srr"):
+        section(GeneratorConfig, arch="edsr", batch_norm=True)
+    with pytest.raises(ConfigError, match="model.generator.arch: 'esrgan' is not allowed"):
+        section(GeneratorConfig, arch="esrgan")
+    with pytest.raises(ConfigError, match="model.generator.rrdb.res_scale"):
+        section(GeneratorConfig, rrdb={"res_scale": 0.0, "growth": 2, "dense_layers": 3})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_safe_mode_round_trip(arch, tmp_path):
+    cfg = _tiny(arch, upsampler="paper", bicubic_skip=True, edsr=section(EdsrConfig, res_scale=0.5))
+    g = build_generator(cfg, 3)
+    _perturb(g)
+    g.save(tmp_path / "g.keras")
+    x = _lr(2, 4, 5)
+    np.testing.assert_array_equal(keras.models.load_model(tmp_path / "g.keras", safe_mode=True)(x), g(x))
+    np.testing.assert_array_equal(load_generator(tmp_path / "g.keras")(x), g(x))
+
+
+def test_flops_hand_count_edsr():
+    f, h, w = 4, 5, 6
+    p = h * w
+    light = build_generator(_tiny("edsr", filters=f), 2)
+    trunk = p * 9 * 3 * f + 2 * p * 9 * f * f + p * 9 * f * f  # input 3x3, one block, trunk conv
+    assert generator_flops(light, (h, w)) == 2 * (trunk + p * 9 * f * 12)  # 3x3 to 3 * 2^2
+    paper = build_generator(_tiny("edsr", filters=f, upsampler="paper"), 4)
+    head = p * 9 * f * 4 * f + 4 * p * 9 * f * 4 * f + 16 * p * 9 * f * 3  # two sub-pixel x2, 3x3 tail
+    assert generator_flops(paper, (h, w)) == 2 * (trunk + head)
+
+
+def test_flops_hand_count_rrdb():
+    f, g_, h, w = 4, 2, 5, 6
+    p = h * w
+    model = build_generator(_tiny("rrdb", filters=f, upsampler="paper"), 4)  # 1 RRDB, 3 convs per RDB
+    rdb = p * 9 * (f * g_ + (f + g_) * g_ + (f + 2 * g_) * f)  # dense inputs f, f+g, f+2g
+    hand = (
+        p * 9 * 3 * f  # input 3x3
+        + 3 * rdb  # three residual dense blocks
+        + p * 9 * f * f  # trunk 3x3
+        + 4 * p * 9 * f * f  # nearest x2, 3x3 at 2x
+        + 16 * p * 9 * f * f  # nearest x2, 3x3 at 4x
+        + 16 * p * 9 * f * f  # HR conv
+        + 16 * p * 9 * f * 3  # output conv
+    )
+    assert generator_flops(model, (h, w)) == 2 * hand
+
+
+def _measured_radius(g: keras.Model, scale: int, bound: int) -> int:
+    """LR px an output pixel depends on, measured: the support of the gradient of one LR
+    pixel's HR outputs with respect to the input (random weights, so no dependence cancels)."""
+    n = 2 * bound + 5
+    c = n // 2
+    x = tf.Variable(_lr(1, n, n))
+    with tf.GradientTape() as tape:
+        y = g(x)
+        loss = tf.reduce_sum(tf.square(y[:, c * scale : (c + 1) * scale, c * scale : (c + 1) * scale]))
+    rows, cols = np.nonzero(np.abs(tape.gradient(loss, x).numpy()[0]).sum(-1))
+    return int(max(np.abs(rows - c).max(), np.abs(cols - c).max()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("upsampler", ["light", "paper"])
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_receptive_radius_is_exact(arch, upsampler, scale):
+    cfg = _tiny(arch, upsampler=upsampler)
+    g = build_generator(cfg, scale)
+    _perturb(g)
+    radius = receptive_radius(cfg, scale)
+    assert _measured_radius(g, scale, radius) == radius
+
+
+def test_receptive_radius_formulas():
+    def r(arch, upsampler, scale, **kw):
+        return receptive_radius(section(GeneratorConfig, arch=arch, upsampler=upsampler, **kw), scale)
+
+    for b in (0, 8, 16):
+        assert r("srresnet", "paper", 4, blocks=b) == 2 * b + 8  # the bound quoted in params.yaml
+        assert r("srresnet", "light", 4, blocks=b, bicubic_skip=False) == 2 * b + 6
+        assert r("edsr", "paper", 4, blocks=b) == 2 * b + 4
+        assert r("edsr", "light", 4, blocks=b, bicubic_skip=False) == 2 * b + 3
+    # ESRGAN at paper size: 23 RRDBs of 3 x 5 chained convs
+    assert r("rrdb", "paper", 4, blocks=23, rrdb=section(RrdbConfig, dense_layers=5)) == 3 * 5 * 23 + 4
+    # the bicubic skip alone reads 2 px
+    assert r("edsr", "light", 2, blocks=0, bicubic_skip=True) == max(3, BICUBIC_RADIUS)
+
+
+# --------------------------------------------------------------------------- bicubic as a fixed convolution
+def test_bicubic_phase_taps():
+    for scale in (1, 2, 3, 4, 8):
+        taps = bicubic_phase_taps(scale)
+        np.testing.assert_allclose(taps.sum(axis=0), 1.0, atol=1e-12)  # Keys is a partition of unity
+        assert ((taps != 0).sum(axis=0) <= 4).all()
+    # x2: output phases sit at -1/4 and +1/4 LR px, mirror images of each other
+    taps = bicubic_phase_taps(2)
+    np.testing.assert_allclose(taps[:, 0], taps[::-1, 1])
+    np.testing.assert_allclose(taps[:, 1], [0, -0.0703125, 0.8671875, 0.2265625, -0.0234375])
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("h, w", [(1, 1), (2, 3), (5, 6), (7, 9), (16, 16), (33, 17)])
+def test_conv_bicubic_equals_tf_resize(scale, h, w):
+    x = _lr(2, h, w, seed=h * w + scale)
+    out = BicubicUpsample(scale)(x)
+    expected = tf.image.resize(x, (h * scale, w * scale), method="bicubic", antialias=False)
+    assert tuple(out.shape) == tuple(expected.shape)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=BICUBIC_TOL)
+
+
+def test_conv_bicubic_compiles_with_xla():
+    spec = tf.TensorSpec((None, None, None, 3))
+    for scale in (2, 3, 4):
+        layer = BicubicUpsample(scale)
+        graph = tf.function(lambda t, layer=layer: layer(t)).get_concrete_function(spec).graph
+        assert "ResizeBicubic" not in {op.type for op in graph.get_operations()}  # the op XLA lacks
+        x = _lr(1, 7, 8, seed=scale)
+        xla = tf.function(lambda t, layer=layer: layer(t), jit_compile=True)
+        expected = tf.image.resize(x, (7 * scale, 8 * scale), method="bicubic", antialias=False)
+        np.testing.assert_allclose(xla(x), expected, rtol=0, atol=BICUBIC_TOL)
+    np.testing.assert_array_equal(BicubicUpsample(1)(_lr()), _lr())  # x1 is the identity
+
+
+def test_xla_compiles_generator_with_bicubic_skip():
+    # RRDB with its own head has every layer kind of the three archs but BN/PReLU (SRResNet)
+    g = build_generator(_tiny("rrdb", upsampler="paper", bicubic_skip=True), 4)
+    _perturb(g)
+    x = _lr(2, 6, 7)
+    xla = tf.function(lambda t: g(t, training=False), jit_compile=True)
+    np.testing.assert_allclose(xla(x), g(x, training=False), rtol=0, atol=XLA_TOL)
+    assert "HloModule" in xla.experimental_get_compiler_ir(tf.constant(x))(stage="hlo")

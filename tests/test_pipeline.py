@@ -102,6 +102,29 @@ def test_start_step_equals_skipping(processed):
             np.testing.assert_array_equal(hf, hr)
 
 
+def test_shards_split_every_global_batch_and_resume_exactly(processed):
+    """Multi-worker sharding: shard i holds block i of every global batch, so the shards'
+    batches concatenate to the one-process batch (no crop twice), also when resumed mid-epoch."""
+    import tensorflow as tf
+
+    full = batches(pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=2), 7)
+    for start in (0, 5):  # 5 * 4 = 20 records: resumes inside the second epoch
+        shards = [batches(pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=2, start_step=start,
+                                                 num_shards=2, shard_index=i), 7 - start) for i in range(2)]
+        for k, (lf, hf) in enumerate(full[start:]):
+            assert shards[0][k][0].shape[0] == shards[1][k][0].shape[0] == BATCH // 2
+            np.testing.assert_array_equal(np.concatenate([shards[0][k][0], shards[1][k][0]]), lf)
+            np.testing.assert_array_equal(np.concatenate([shards[0][k][1], shards[1][k][1]]), hf)
+            assert not np.array_equal(shards[0][k][1], shards[1][k][1])
+    ds = pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=2, num_shards=2, shard_index=1)
+    # tf.distribute must not shard it again
+    assert ds.options().experimental_distribute.auto_shard_policy == tf.data.experimental.AutoShardPolicy.OFF
+    for shards, index in ((3, 0), (2, 2), (0, 0)):
+        with pytest.raises(ValueError, match="split evenly across the workers"):
+            pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=2, num_shards=shards,
+                                   shard_index=index)
+
+
 def test_one_epoch_and_manifestless_count(processed, tmp_path):
     ds = pipeline.train_dataset(processed / "train", 5, PATCH, SCALE, seed=0, repeat=False)
     assert len(batches(ds, 100)) == 2  # 12 records, remainder dropped

@@ -282,3 +282,48 @@ def test_cli_reports_digest_mismatch_in_one_line(div2k, tmp_path):
     assert err[-1].startswith("error: DIV2K_train_HR.zip: size mismatch: expected 3530603713 bytes"), err
     assert "Traceback" not in out.stderr
     assert (tmp_path / "data" / "downloads").is_dir()  # the cache is under DVC_ROOT, shared by workspaces
+
+
+# -- folder ------------------------------------------------------------------------------------------
+def _own_images(root: Path) -> Path:
+    from PIL import Image
+
+    src = sample_dir("skimage")
+    (root / "sub").mkdir(parents=True)
+    Image.open(src / "astronaut.png").convert("RGB").resize((200, 200)).save(root / "a.jpg", quality=95)
+    Image.open(src / "coffee.png").convert("L").save(root / "sub" / "grey.png")     # grey, in a sub-folder
+    Image.open(src / "chelsea.png").convert("RGBA").save(root / "cat.png")           # with alpha
+    Image.open(src / "motorcycle_left.png").save(root / "m.tiff")
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")                 # skipped by preprocess
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_source_with_a_split_and_the_pipeline_on_it(tmp_path):
+    from srgan.preprocess import preprocess
+
+    own = _own_images(tmp_path / "photos")
+    cfg = _cfg({"data.source": "folder", "data.folder.train": str(own), "data.folder.valid": str(tmp_path / "none"),
+                "data.folder.valid_fraction": 0.25, "preprocess.hr_crop": 64, "train.hr_patch": 32})
+    manifest = fetch(cfg, tmp_path / "raw", tmp_path / "dl")
+    train, valid = manifest["splits"]["train"], manifest["splits"]["valid"]
+    assert len(valid) == 1 and set(train).isdisjoint(valid)
+    assert set(train) | set(valid) == {"a.jpg", "sub/grey.png", "cat.png", "m.tiff", "broken.png"}
+    assert str(tmp_path) not in json.dumps(manifest)  # no machine paths: DVC's hash stays put
+    again = fetch(cfg, tmp_path / "raw2", tmp_path / "dl")
+    assert again["splits"] == manifest["splits"]  # the split is seeded
+    m = preprocess(cfg, tmp_path / "raw", tmp_path / "processed", workers=1, progress=False)
+    skipped = {s["file"] for s in m["skipped"]}
+    assert "train/broken.png" in skipped or "valid/broken.png" in skipped
+    assert m["counts"]["train_images"] + m["counts"]["valid_images"] == 4
+
+
+def test_folder_source_errors_are_clear(tmp_path):
+    cfg = _cfg({"data.source": "folder", "data.folder.train": str(tmp_path / "missing")})
+    with pytest.raises(SourceError, match="data.folder.train: .* is not a folder"):
+        fetch(cfg, tmp_path / "raw", tmp_path / "dl")
+    (tmp_path / "empty").mkdir()
+    cfg = _cfg({"data.source": "folder", "data.folder.train": str(tmp_path / "empty")})
+    with pytest.raises(SourceError, match="no image files"):
+        fetch(cfg, tmp_path / "raw", tmp_path / "dl")
+    assert not (tmp_path / "raw").exists()

@@ -271,3 +271,19 @@ def test_public_steps_return_their_loss_parts(processed_dir):
     parts = gan.gan_step((lr, hr))
     assert {"g_total", "g_mse", "g_vgg", "g_adv", "d_loss", "d_real", "d_fake"} <= set(parts)
     assert all(np.isfinite(float(v)) for v in parts.values())
+
+
+@pytest.mark.slow
+def test_same_params_same_machine_give_the_same_model_bytes(processed_dir, mlflow_uri, tmp_path):
+    """Two runs of the pretrain stage in two processes (fresh state each): byte-identical
+    srresnet.keras, so DVC sees an unchanged output and re-runs nothing downstream."""
+    params = write_params(tmp_path / "params.yaml", **{"pretrain.steps": 12})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    models = []
+    for i in range(2):
+        root = tmp_path / f"run{i}"
+        out = subprocess.run(_stage_cmd(params, processed_dir, root), env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        models.append((root / "models" / "srresnet.keras").read_bytes())
+    assert models[0] == models[1]

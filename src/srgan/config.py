@@ -90,10 +90,17 @@ class CocoConfig(Section):
     valid_images: PosInt
 
 
+class FolderConfig(Section):
+    train: str
+    valid: str
+    valid_fraction: Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class DataConfig(Section):
-    source: Literal["sample", "div2k", "coco"]
+    source: Literal["sample", "div2k", "coco", "folder"]
     div2k: Div2kConfig
     coco: CocoConfig
+    folder: FolderConfig
 
 
 class PreprocessConfig(Section):
@@ -105,12 +112,43 @@ class PreprocessConfig(Section):
     workers: NonNegInt
 
 
+ResScale = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class EdsrConfig(Section):
+    """model.generator.edsr: what only EDSR has."""
+
+    res_scale: ResScale
+
+
+class RrdbConfig(Section):
+    """model.generator.rrdb: what only RRDB (ESRGAN) has."""
+
+    res_scale: ResScale
+    growth: PosInt
+    dense_layers: PosInt
+
+
 class GeneratorConfig(Section):
+    """Shared sizing flat (the keys every architecture reads), per-architecture keys in their own
+    sub-section, so switching ``arch`` picks up that architecture's own residual scaling."""
+
+    arch: Literal["srresnet", "edsr", "rrdb"]
     blocks: NonNegInt
     filters: PosInt
     batch_norm: bool
     bicubic_skip: bool
     upsampler: Literal["paper", "light"]
+    edsr: EdsrConfig
+    rrdb: RrdbConfig
+
+    @model_validator(mode="after")
+    def _batch_norm_is_srresnet_only(self) -> GeneratorConfig:
+        # EDSR and ESRGAN both removed BN on purpose; refuse rather than silently ignore it.
+        if self.batch_norm and self.arch != "srresnet":
+            raise _error(f"model.generator.batch_norm: true is only allowed with arch srresnet "
+                         f"(arch {self.arch} has no batch-norm); set it to false")
+        return self
 
 
 class DiscriminatorConfig(Section):
@@ -154,10 +192,11 @@ class TrainConfig(Section):
     val_every: Annotated[int, Field(ge=1, json_schema_extra=RESUME_SAFE)]
     checkpoint_every: Annotated[int, Field(ge=1, json_schema_extra=RESUME_SAFE)]
     val_images: Annotated[int, Field(ge=0, json_schema_extra=RESUME_SAFE)]
-    distribute: Literal["auto", "none", "mirrored"]
+    distribute: Literal["auto", "none", "mirrored", "multi_worker"]
     jit_compile: bool
     onednn: Annotated[bool, Field(json_schema_extra=RESUME_SAFE)]
-    precision: Literal["float32", "mixed_bfloat16"]
+    precision: Literal["auto", "float32", "mixed_bfloat16"]
+    deterministic: bool
 
 
 class PhaseConfig(Section):
@@ -253,6 +292,19 @@ class StudyConfig(Section):
         return self
 
 
+# Why train.jit_compile is refused with a replicated step (Config._cross_checks; the trainer for
+# train.distribute: auto when it chose to mirror), as measured with TF 2.21 on CPUs.
+JIT_DISTRIBUTED_WHY = {
+    "mirrored": ("XLA compiles the step for one device, but each replica's variables live on its own "
+                 "device (TensorFlow: 'Trying to access resource ... located in device CPU:1 from device "
+                 "CPU:0'), also when only the per-replica step is compiled"),
+    "multi_worker": ("the step's all-reduce across workers would be compiled into it, and TensorFlow's XLA "
+                     "has no cross-worker collectives on CPU ('Collectives are not yet implemented for CPU "
+                     "devices when compiling with XLA'); with several GPUs per machine the mirrored reason "
+                     "applies as well"),
+}
+
+
 # The sections a training run is made of (logged whole to its MLflow run); data.*, tune.* and
 # tracking.* describe where data comes from, how to search, and where runs go.
 TRAINING_SECTIONS = ("seed", "preprocess", "model", "loss", "vgg", "adv", "train", "pretrain", "gan", "evaluate")
@@ -285,6 +337,10 @@ class Config(Section):
             raise _error(f"train.hr_patch: {p} must be a multiple of preprocess.scale ({s})")
         if p > self.preprocess.hr_crop:
             raise _error(f"train.hr_patch: {p} is larger than preprocess.hr_crop ({self.preprocess.hr_crop})")
+        if self.train.jit_compile and self.train.distribute in ("mirrored", "multi_worker"):
+            raise _error(f"train.jit_compile: true does not work with train.distribute: {self.train.distribute}: "
+                         f"{JIT_DISTRIBUTED_WHY[self.train.distribute]}; set train.jit_compile: false "
+                         "(or train.distribute: none)")
         return self
 
     # -- views ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import dataio, tracking
+from . import dataio, distribute, tracking
 from .config import Config
 from .dataio import HISTORY_NAME, SUMMARY_NAME
 from .trainer import PHASE_PARAMS, Callback, Phase, TrainData, TrainResult, TrainState, train, training_digest
@@ -41,6 +41,9 @@ class MlflowCallback(Callback):
         self.run.log_metrics(self.baseline, step=0)
         if start_step:
             self.run.set_tags({"resumed_from_step": start_step})
+
+    def on_runtime(self, runtime: dict[str, str]) -> None:
+        self.run.set_tags(runtime)
 
     def on_log(self, step: int, logs: dict[str, float]) -> None:
         self.run.log_metrics(logs, step=step)
@@ -112,10 +115,17 @@ def run_training(
     is saved to ``model_path`` and logged as the run's artifact ``model/generator.keras``, and
     ``reports_dir`` gets history.csv and summary.json. A failure (e.g. a NaN loss) marks the run
     FAILED and re-raises.
+
+    ``train.distribute: multi_worker``: only the chief does all of this; every other worker trains
+    the same steps and writes nothing of its own (see :func:`_train_as_worker`).
     """
+    task = distribute.cluster_task(cfg.train.distribute)
     init_digest = dataio.sha256_file(init_generator) if init_generator else None
-    state = (TrainState(ckpt_root, phase, training_digest(cfg, phase, data.manifest_digest, init_digest))
+    state = (TrainState(ckpt_root, phase, training_digest(cfg, phase, data.manifest_digest, init_digest),
+                        chief=task.chief)
              if ckpt_root is not None else None)
+    if not task.chief:
+        return _train_as_worker(cfg, phase, data, state, callbacks, init_generator, data_offset, task)
     run = tracking.resume_run(state.run_id) if state is not None and state.run_id else None
     if run is not None:
         log.info("continuing MLflow run %s", run.run_id)
@@ -145,4 +155,32 @@ def run_training(
             run.log_artifact(Path(reports_dir) / HISTORY_NAME, "train")
     if state is not None:
         state.mark_complete()
+    try:
+        _end_together(trainer, task)
+    except distribute.WorkerLostError as exc:  # the outputs are complete: nothing to redo
+        log.warning("training complete, but at the end: %s", exc)
     return run.run_id, result
+
+
+# the workers' last collective: they end when the chief's outputs are written (no worker exits while
+# the chief still works, which the chief's heartbeat check would report as a dead worker)
+_END_HINT = "It happened after the training steps, while the chief wrote its outputs."
+
+
+def _end_together(trainer: Any, task: distribute.Task) -> None:
+    distribute.across_workers(trainer.strategy, task, {"finished": 1}, _END_HINT)
+
+
+def _train_as_worker(cfg: Config, phase: Phase, data: TrainData, state: TrainState | None,
+                     callbacks: Sequence[Callback], init_generator: Path | None,
+                     data_offset: int, task: distribute.Task) -> tuple[str, TrainResult]:
+    """A non-chief worker of a multi-worker training: the chief's steps and checkpoint saves
+    (TensorFlow's multi-worker rule: every worker saves, as a save may run collectives; the
+    worker's go to a temporary folder, see ``TrainState``), but nothing of its own is kept: no
+    MLflow run, no reports, no model (the chief's ``model_path``: a .keras export reads each
+    variable's local copy, no collective, so the worker skips it). Returns the chief's run id
+    (from the shared checkpoint folder)."""
+    log.info("%s of a multi-worker training: the chief logs the MLflow run and writes the outputs", task.name)
+    trainer, result = train(cfg, phase, data, state, callbacks, init_generator=init_generator, data_offset=data_offset)
+    _end_together(trainer, task)
+    return (state.run_id if state is not None else None) or "", result

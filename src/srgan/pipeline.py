@@ -15,6 +15,12 @@ the epoch and the record's global index, so the output does not depend on the TF
 on parallelism or on how far earlier iterators went. Resume: ``start_step=n`` yields exactly the
 batches an uninterrupted iterator yields after ``n`` batches; whole epochs are skipped without
 reading them, within the epoch only serialized records are read (no decoding/augmenting).
+
+Sharding (multi-worker training): with ``num_shards=k`` the stream is the same and every global
+batch of ``batch_size`` records is cut into ``k`` consecutive blocks; shard ``i`` keeps block ``i``
+(by the record's position in the stream, before decoding), so the shards never share a crop, their
+batches concatenate to the one-process batch, and resume by step stays exact. tf.distribute's own
+auto-sharding is switched off: the sharding is done here.
 """
 
 from __future__ import annotations
@@ -59,11 +65,15 @@ def train_dataset(
     repeat: bool = True,
     start_step: int = 0,
     window: int = 512,
+    num_shards: int = 1,
+    shard_index: int = 0,
 ) -> tf.data.Dataset:
     """Batches ``(lr, hr)``: float32 in [0, 1], shapes (B, p/s, p/s, 3) and (B, p, p, 3).
 
     ``repeat=False`` gives one epoch (last partial batch dropped). ``start_step`` skips that many
     batches (resume). ``window`` records are shuffled together (memory: ``window`` serialized crops).
+    ``num_shards``/``shard_index``: this shard's ``B / num_shards`` records of every global batch of
+    ``B = batch_size`` (see the module docstring).
     """
     shard_dir = Path(shard_dir)
     files = sorted(shard_dir.glob("*.tfrecord"))
@@ -71,6 +81,9 @@ def train_dataset(
         raise FileNotFoundError(f"no *.tfrecord shards in {shard_dir}: run the preprocess stage first")
     if hr_patch % scale:
         raise ValueError(f"hr_patch {hr_patch} is not a multiple of scale {scale}")
+    if num_shards < 1 or batch_size % num_shards or not 0 <= shard_index < num_shards:
+        raise ValueError(f"batch_size {batch_size} cannot be split into {num_shards} shards "
+                         f"(shard {shard_index}): the global batch must split evenly across the workers")
     pre = dataio.read_manifest(shard_dir.parent).get("config", {}).get("preprocess", {})
     if pre and (pre.get("scale") != scale or pre.get("hr_crop", hr_patch) < hr_patch):
         raise ValueError(
@@ -103,6 +116,16 @@ def train_dataset(
     start_epoch, within = divmod(start_step * batch_size, n_records)
     epochs = tf.data.Dataset.counter(start_epoch) if repeat else tf.data.Dataset.range(start_epoch, 1)
     ds = epochs.flat_map(epoch_records).skip(within)  # skip before decoding: cheap
+    part = batch_size // num_shards
+    if num_shards > 1:
+        def in_shard(position: tf.Tensor, item: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+            # position 0 is the first record of global batch start_step, so the blocks stay aligned
+            return (position % batch_size) // part == shard_index
+
+        def drop_position(position: tf.Tensor, item: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+            return item
+
+        ds = ds.enumerate().filter(in_shard).map(drop_position)
 
     spec = {
         "hr": tf.io.FixedLenFeature([], tf.string),
@@ -137,4 +160,8 @@ def train_dataset(
         return lr, hr
 
     ds = ds.map(parse_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(part, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # sharded here (by record position); tf.distribute must not shard again (by file or by element)
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options)

@@ -1,4 +1,4 @@
-"""Data sources (sample | div2k | coco) -> ``data/raw/{train,valid}/`` + ``data/raw/fetch.json``.
+"""Data sources (sample | div2k | coco | folder) -> ``data/raw/{train,valid}/`` + ``data/raw/fetch.json``.
 
 ``fetch()`` builds the whole raw folder in a temporary sibling (``raw.tmp-*``) and renames it
 into place only when complete, so ``data/raw`` is either the previous result or the new one,
@@ -199,6 +199,47 @@ def _div2k(cfg: Config, out: Path, ctx: _Ctx) -> tuple[dict, dict]:
 
 
 # -- coco --------------------------------------------------------------------------------------------
+# -- folder ------------------------------------------------------------------------------------------
+def _folder_images(folder: Path) -> list[str]:
+    """Candidate image files under ``folder`` (recursive; hidden files and notes skipped); every
+    file is tried by preprocess, which skips and lists the ones that do not decode."""
+    from .preprocess import list_images
+
+    return list_images(folder)
+
+
+def _folder(cfg: Config, out: Path) -> tuple[dict, dict]:
+    """Your own images: data.folder.train (+ data.folder.valid, or a seeded split of train)."""
+    f = cfg.data.folder
+    train_dir, valid_dir = Path(f.train), Path(f.valid)
+    if not train_dir.is_dir():
+        raise SourceError(f"data.folder.train: {train_dir} is not a folder")
+    train = _folder_images(train_dir)
+    valid = _folder_images(valid_dir) if valid_dir.is_dir() else []
+    if not train:
+        raise SourceError(f"data.folder.train: no image files in {train_dir}")
+    pairs = {"train": [(train_dir, n) for n in train], "valid": [(valid_dir, n) for n in valid]}
+    if not valid:
+        if f.valid_fraction <= 0:
+            raise SourceError(f"data.folder.valid: no image files in {valid_dir} and data.folder.valid_fraction is 0")
+        order = seeded_subset(train, cfg.seed)
+        k = max(1, round(len(order) * f.valid_fraction))
+        if k >= len(order):
+            raise SourceError(f"data.folder: {len(order)} image(s) cannot be split into train and valid")
+        held = set(order[:k])
+        pairs = {"train": [(train_dir, n) for n in train if n not in held],
+                 "valid": [(train_dir, n) for n in train if n in held]}
+    splits: dict[str, dict[str, str]] = {}
+    for split, files in pairs.items():
+        splits[split] = {}
+        for folder, name in files:
+            dst = out / split / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            splits[split][name] = _copy_hashed(folder / name, dst)
+    # no absolute paths: the manifest (and so DVC's hash of data/raw) must not depend on the machine
+    return splits, {"valid_fraction": f.valid_fraction if not valid else None}
+
+
 def seeded_subset(names: list[str], seed: int) -> list[str]:
     """``names`` sorted, then shuffled with ``random.Random(seed)``: a reproducible order."""
     order = sorted(names)
@@ -303,6 +344,8 @@ def fetch(
             splits, details = _div2k(cfg, tmp, ctx)
         elif source == "coco":
             splits, details = _coco(cfg, tmp, ctx)
+        elif source == "folder":
+            splits, details = _folder(cfg, tmp)
         else:  # pragma: no cover - config validation allows only the three above
             raise SourceError(f"data.source: unknown source {source!r}")
         manifest = {

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from . import dataio
-from .config import Config, PhaseConfig, flatten, resume_safe_keys
+from .config import JIT_DISTRIBUTED_WHY, Config, PhaseConfig, flatten, resume_safe_keys
 from .dataio import Pair
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ class Callback:
 
     def on_train_begin(self, cfg: Config, start_step: int, total_steps: int) -> None: ...
 
+    def on_runtime(self, runtime: dict[str, str]) -> None:
+        """What the process runs with (precision and why), once the trainer is built."""
+
     def on_log(self, step: int, logs: dict[str, float]) -> None: ...
 
     def on_validation(self, step: int, metrics: dict[str, float], grid: np.ndarray | None) -> None: ...
@@ -112,13 +116,25 @@ def phase_seed(cfg: Config, phase: Phase) -> int:
     return cfg.gan.seed if phase == "gan" else cfg.seed
 
 
-def prepare_runtime(cfg: Config, phase: Phase = "pretrain") -> None:
+def prepare_runtime(cfg: Config, phase: Phase = "pretrain") -> dict[str, str]:
     """Process-wide settings a training run needs before any model is built: the seed of every
-    RNG (Python, numpy, TF, Keras) and Keras' precision policy."""
+    RNG (Python, numpy, TF, Keras) and Keras' precision policy. Returns what it chose and why
+    (``train.precision: auto`` decides per machine), for the run's tags."""
     import keras
 
+    from . import distribute
+
+    # first: a multi-worker strategy configures TF's collectives, which must precede any TF op
+    distribute.make_strategy(cfg.train.distribute)
     keras.utils.set_random_seed(phase_seed(cfg, phase))
-    keras.mixed_precision.set_global_policy(cfg.train.precision)
+    if cfg.train.deterministic:
+        import tensorflow as tf
+
+        # process-wide and one-way: GPU kernels become deterministic, ops without such a kernel raise
+        tf.config.experimental.enable_op_determinism()
+    policy, why = distribute.choose_precision(cfg.train.precision)
+    keras.mixed_precision.set_global_policy(policy)
+    return {"precision": policy, "precision.reason": why}
 
 
 def lr_schedule(phase: PhaseConfig) -> Any:
@@ -160,6 +176,9 @@ class Trainer:
         self.replicas = self.strategy.num_replicas_in_sync
         if t.batch_size % self.replicas:
             raise ValueError(f"train.batch_size: {t.batch_size} is not divisible by the {self.replicas} replicas")
+        if t.jit_compile and self.replicas > 1:  # train.distribute: auto chose to mirror (config can't know)
+            raise ValueError(f"train.jit_compile: true does not work with {self.replicas} replicas "
+                             f"(train.distribute: {t.distribute}): {JIT_DISTRIBUTED_WHY['mirrored']}")
         self.adv = losses.ADVERSARIAL[cfg.adv.loss]
         self.D = self.vgg = None
         with self.strategy.scope():
@@ -376,16 +395,22 @@ class TrainState:
     place last, so an index means a complete save). They are found by listing index files, not
     through TensorFlow's ``checkpoint`` state file, and restored newest first: a damaged one
     (flipped or truncated data, empty index) is skipped with a warning naming it.
+
+    Multi-worker training: the chief's TrainState is this one; every other worker has one with
+    ``chief=False`` on the same ``root``, which only reads (it restores the chief's checkpoints, so
+    ``root`` must be shared storage or a copy) and saves into a temporary folder deleted right away.
     """
 
     KEEP_FOLDERS = 3
     KEEP_CHECKPOINTS = 3
     STATE = "state.json"
 
-    def __init__(self, root: Path, phase: Phase, digest: str):
-        self.root, self.phase, self.digest = Path(root), phase, digest
+    def __init__(self, root: Path, phase: Phase, digest: str, chief: bool = True):
+        self.root, self.phase, self.digest, self.chief = Path(root), phase, digest, chief
         self.dir = self.root / f"{phase}-{digest[:16]}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fresh = False  # a worker that found a finished training: the chief starts it afresh
+        if chief:
+            self.dir.mkdir(parents=True, exist_ok=True)
         state = dataio.read_json(self.dir / self.STATE, None)
         if state is None and (self.dir / self.STATE).exists():
             log.warning("%s is damaged: ignored (checkpoints in %s are still used)", self.dir / self.STATE, self.dir)
@@ -393,14 +418,20 @@ class TrainState:
         if self._state.get("status") == "complete":
             log.info("a finished training with these params exists in %s (run %s): training afresh",
                      self.dir, self._state.get("run_id"))
-            self.reset()
-        self._write(status="running")
-        self._collect_old_folders()
+            if chief:
+                self.reset()
+            self._fresh = True
+        if chief:
+            self._write(status="running")
+            self._collect_old_folders()
 
     # -- state.json ------------------------------------------------------------------------------
     @property
     def run_id(self) -> str | None:
-        """The MLflow run of the unfinished training in this folder, if any."""
+        """The MLflow run of the unfinished training in this folder, if any (a worker: the chief's, now)."""
+        if not self.chief:
+            state = dataio.read_json(self.dir / self.STATE, None)
+            return state.get("run_id") if isinstance(state, dict) and state.get("digest") == self.digest else None
         return self._state.get("run_id")
 
     def bind_run(self, run_id: str) -> None:
@@ -411,11 +442,16 @@ class TrainState:
         self._write(status="complete")
 
     def _write(self, **values: Any) -> None:
+        if not self.chief:  # the chief's folder is the chief's alone
+            return
         self._state.update(values, digest=self.digest, phase=self.phase)
         dataio.write_json_atomic(self.dir / self.STATE, self._state)
 
     def reset(self) -> None:
         """Forget this folder's checkpoints and run (start from step 0)."""
+        if not self.chief:  # never delete the chief's files: just ignore them
+            self._fresh, self._state = True, {}
+            return
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._state = {}
@@ -428,6 +464,8 @@ class TrainState:
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoints(self) -> list[int]:
         """Steps with a complete checkpoint, newest first."""
+        if self._fresh or not self.dir.is_dir():
+            return []
         steps = [int(m.group(1)) for p in self.dir.iterdir() if (m := _CKPT.match(p.name))]
         return sorted(steps, reverse=True)
 
@@ -452,6 +490,15 @@ class TrainState:
     def save(self, trainer: Trainer, step: int) -> None:
         """Write ``ckpt-<step>``; keep the newest KEEP_CHECKPOINTS."""
         trainer.step.assign(step)
+        if not self.chief:
+            # every worker saves (TF's multi-worker checkpointing: a save may run collectives);
+            # only the chief's copy is kept
+            scratch = Path(tempfile.mkdtemp(prefix=f"srgan-{self.phase}-worker-"))
+            try:
+                trainer.checkpoint.write(str(scratch / f"ckpt-{step}"))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return
         trainer.checkpoint.write(str(self.dir / f"ckpt-{step}"))
         for old in self.checkpoints()[self.KEEP_CHECKPOINTS:]:
             for f in self.dir.glob(f"ckpt-{old}.*"):
@@ -468,6 +515,38 @@ def _check_finite(step: int, logs: dict[str, float]) -> None:
         )
 
 
+def _check_same_training(trainer: Trainer, task: Any, state: TrainState | None, start: int) -> None:
+    """Multi-worker: every worker must train the same params/data/initial generator (the state's
+    digest) from the same checkpoint, or the replicas would silently diverge."""
+    from . import distribute
+
+    if task.num_workers < 2:
+        return
+    mine = {"resume step": start, "params digest": int(state.digest[:12], 16) if state is not None else 0}
+    seen = distribute.across_workers(trainer.strategy, task, mine,
+                                     "It happened before training started (the workers were comparing their state).")
+    (lo, hi), (dlo, dhi) = seen["resume step"], seen["params digest"]
+    folder = state.dir if state is not None else "the checkpoint folder"
+    if dlo != dhi:
+        raise distribute.ClusterError(
+            f"train.distribute=multi_worker: the workers do not train the same thing ({task.name} has "
+            f"{folder}): every worker needs the same params.yaml, data/processed and initial generator")
+    if lo != hi:
+        raise distribute.ClusterError(
+            f"train.distribute=multi_worker: the workers found different checkpoints (steps {lo} to {hi}; "
+            f"{task.name}: {start} in {folder}): every worker resumes from the chief's checkpoints, so "
+            "the checkpoint folder must be on storage all machines share (or a copy of the chief's)")
+
+
+def _resume_hint(state: TrainState | None, step: int, total: int) -> str:
+    """Where a stopped multi-worker training is and how it continues."""
+    done = state.checkpoints() if state is not None else []
+    where = (f"the last checkpoint (step {done[0]} in {state.dir})" if done and state is not None
+             else "step 0 (no checkpoint yet)")
+    return (f"Training stopped at step {step} of {total}; run the same command on every worker again "
+            f"to continue from {where}.")
+
+
 def train(
     cfg: Config,
     phase: Phase,
@@ -482,26 +561,45 @@ def train(
     ``data_offset``: batches of the input stream already used by an earlier phase (the gan phase
     continues the stream where pre-training stopped instead of seeing its first batches again).
     """
-    from . import pipeline
+    from . import distribute, pipeline
 
-    prepare_runtime(cfg, phase)
+    runtime = prepare_runtime(cfg, phase)
+    log.info("precision %s (%s)", runtime["precision"], runtime["precision.reason"])
     trainer = Trainer(cfg, phase, init_generator=init_generator)
     total = trainer.total_steps
     start = state.restore(trainer) if state is not None else 0
+    task = distribute.cluster_task(cfg.train.distribute)
+    _check_same_training(trainer, task, state, start)
     if start:
         log.info("resumed from checkpoint at step %d of %d", start, total)
     for cb in callbacks:
         cb.on_train_begin(cfg, start, total)
+        cb.on_runtime(runtime)
 
     t = cfg.train
     result = TrainResult(phase=phase, step=start, total_steps=total, resumed_from=start)
-    ds = pipeline.train_dataset(data.shard_dir, t.batch_size, t.hr_patch, cfg.preprocess.scale,
-                                phase_seed(cfg, phase), start_step=data_offset + start)
-    it = iter(trainer.strategy.experimental_distribute_dataset(ds))
+
+    def worker_input(ctx: Any) -> Any:
+        # one input pipeline per worker: its own records of every global batch (no two workers
+        # train on the same crops; together exactly the one-process batch), split into consecutive
+        # per-replica batches for the worker's replicas (GPUs)
+        ds = pipeline.train_dataset(data.shard_dir, t.batch_size, t.hr_patch, cfg.preprocess.scale,
+                                    phase_seed(cfg, phase), start_step=data_offset + start,
+                                    num_shards=ctx.num_input_pipelines, shard_index=ctx.input_pipeline_id)
+        per_replica = ctx.get_per_replica_batch_size(t.batch_size)
+        return ds if per_replica == t.batch_size // ctx.num_input_pipelines else ds.rebatch(per_replica, drop_remainder=True)
+
+    it = iter(trainer.strategy.distribute_datasets_from_function(worker_input))
     tick, tick_step, window = time.perf_counter(), start, []
     step_fn = trainer.step_fn
     for step in range(start, total):
-        logs = {k: float(v) for k, v in step_fn(next(it)).items()}
+        try:
+            logs = {k: float(v) for k, v in step_fn(next(it)).items()}
+        except Exception as exc:  # a dead peer worker: a clear message instead of TF's collective error
+            lost = distribute.worker_lost(exc, task, _resume_hint(state, step, total))
+            if lost is None:
+                raise
+            raise lost from exc
         done = step + 1
         _check_finite(done, logs)
         window.append(logs)
