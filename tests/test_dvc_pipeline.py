@@ -49,7 +49,7 @@ def test_dvc_repro_end_to_end_and_only_affected_stages_rerun(project_copy, tmp_p
     env = tiny_project(project_copy, tmp_path)
     dvc = [str(Path(sys.executable).parent / "dvc")]
     log = _run(dvc + ["repro"], project_copy, env)
-    assert ran_stages(log) == {"fetch", "preprocess", "pretrain", "train", "evaluate"}, log
+    assert ran_stages(log) == {"fetch", "preprocess", "evalsets", "pretrain", "train", "evaluate"}, log
     metrics = json.loads((project_copy / "reports" / "metrics.json").read_text())
     assert {"bicubic", "srresnet", "srgan"} <= set(metrics["valid"])
     assert {"psnr_y", "ssim_y", "psnr_y_gain"} <= set(metrics["valid"]["srgan"])

@@ -60,8 +60,11 @@ def _local_state_outs(dvc_yaml: Path) -> list[str]:
 def test_clone_pulls_from_the_remote_and_reproduces_nothing(project_copy, tmp_path):
     proj, env = project_copy, _env(tmp_path)
     # start like a fresh clone: no outputs or lock file copied from the working tree
-    for p in ("data", "models", "reports", "dvc.lock", "mlflow.db", "mlartifacts", "optuna"):
-        shutil.rmtree(proj / p, ignore_errors=True) if (proj / p).is_dir() else (proj / p).unlink(missing_ok=True)
+    # (data/own/ stays: its README placeholders are in git and are the folder source's DVC deps)
+    gone = [proj / p for p in ("models", "reports", "dvc.lock", "mlflow.db", "mlartifacts", "optuna")]
+    gone += [p for p in (proj / "data").iterdir() if p.name != "own"]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     (proj / "params.yaml").write_text(_tiny_params())
     _sh(["git", "init", "-q", "-b", "main"], proj, env)
     _sh(["git", "add", "-A"], proj, env)
