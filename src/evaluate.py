@@ -28,6 +28,11 @@ def main(cfg: Config, args) -> None:
         if run_id:
             tracking.log_to_run(run_id, evaluate.run_metrics(summary, method),
                                 [reports / "metrics.json", reports / "per_image.csv", page], "eval")
+        if run_id and method == "srgan":
+            # the registry holds every evaluated SRGAN; `champion` is the best by validation PSNR-Y
+            version = tracking.register_model(run_id, tracking.DEFAULT_MODEL_NAME)
+            champion = tracking.promote(cfg.tracking.experiment, "eval/valid/psnr_y", tracking.DEFAULT_MODEL_NAME)
+            print(f"registered {tracking.DEFAULT_MODEL_NAME} version {version}; champion: version {champion}")
     for name in cfg.evaluate.sets:
         v = summary[name]
         niqe = {m: v[m].get("niqe") for m in ("bicubic", "srresnet", "srgan")}

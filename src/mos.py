@@ -1,6 +1,7 @@
 """Mean opinion score study: prepare stimuli, serve the blind rating app, compute results.
 
-    python src/mos.py prepare [--model NAME=PATH.keras | NAME=runs:/RUN_ID ...] [--crop SIZE] [--images N]
+    python src/mos.py prepare [--model NAME=PATH.keras | NAME=runs:/RUN_ID | NAME=models:/MODEL@ALIAS ...]
+                              [--crop SIZE] [--images N]
     python src/mos.py serve   [--host 127.0.0.1] [--port 8000] [--study mos/study] [--db PATH]
     python src/mos.py results [--study mos/study] [--db PATH] [--out reports] [--no-mlflow]
 
@@ -67,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     pp = sub.add_parser("prepare", help="build a rating study")
-    pp.add_argument("--model", action="append", default=[], metavar="NAME=PATH_OR_runs:/RUN_ID",
-                    help="a model to rate (repeatable): a .keras file or an MLflow run's generator")
+    pp.add_argument("--model", action="append", default=[], metavar="NAME=PATH_OR_URI",
+                    help="a model to rate (repeatable): a .keras file, an MLflow run's generator "
+                         "(runs:/RUN_ID) or a registered version (models:/MODEL@ALIAS, models:/MODEL/VERSION)")
     pp.add_argument("--crop", type=int, default=0, metavar="SIZE",
                     help="HR side of a centered crop, same box for every method (0 = whole image)")
     pp.add_argument("--images", type=int, default=0, metavar="N", help="validation images to use (0 = all)")

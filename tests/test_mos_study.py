@@ -210,3 +210,32 @@ def test_model_method_loads_a_real_generator_and_refuses_other_archives(tmp_path
         z.writestr("readme.txt", "hello")
     with pytest.raises(S.StudyError, match="not a loadable generator"):
         S.model_method(f"g={tmp_path / 'other.keras'}")
+
+
+def test_model_method_accepts_mlflow_uris(tmp_path, mlflow_uri, monkeypatch):
+    """NAME=runs:/ID[/model] and NAME=models:/MODEL@ALIAS|/VERSION: the generator and its run (for the MOS)."""
+    pytest.importorskip("tensorflow")
+    import mlflow
+    from test_tracking import log_tiny_generator
+
+    from srgan import tracking
+
+    before = mlflow.get_tracking_uri()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        run_id, _ = log_tiny_generator(tmp_path, "mos", 30.0)
+        version = tracking.register_model(run_id, "rated")
+        tracking.set_champion("rated", version)
+        assert S.parse_model_spec("g=models:/rated@champion") == ("g", "models:/rated@champion", None)
+        assert S.parse_model_spec(f"g=runs:/{run_id}/model") == ("g", None, run_id)
+        for uri in (f"runs:/{run_id}", f"runs:/{run_id}/model", "models:/rated@champion", f"models:/rated/{version}"):
+            m = S.model_method(f"g={uri}", tile=0)
+            source = f"runs:/{run_id}" if uri.startswith("runs:/") else uri  # the run's spelling, normalised
+            assert (m.name, m.source, m.run_id) == ("g", source, run_id), uri
+            assert m.upscale(np.zeros((6, 5, 3), np.uint8), 4).shape == (24, 20, 3)
+        with pytest.raises(S.StudyError, match="models:/rated@nope"):
+            S.model_method("g=models:/rated@nope")
+        with pytest.raises(S.StudyError, match="runs:/RUN_ID/model"):
+            S.parse_model_spec("g=runs:/abc/other")
+    finally:
+        mlflow.set_tracking_uri(before)

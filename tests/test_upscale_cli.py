@@ -1,4 +1,5 @@
-"""src/upscale.py end to end: mixed good/odd/corrupt inputs, per-file errors, exit codes."""
+"""src/upscale.py end to end: mixed good/odd/corrupt inputs, per-file errors, exit codes, the checks
+made before any work (GitHub issue 17 item 7), Ctrl-C, and MLflow URIs as --model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srgan import inference, models
+from srgan import batch_upscale, inference, models
 from srgan.config import ROOT, GeneratorConfig, section
 
 SCALE = 4
@@ -50,6 +51,7 @@ def _inputs(folder: Path) -> dict[str, tuple[int, int]]:
 def test_cli_subprocess(tmp_path: Path, model_path: Path) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     sizes = _inputs(src)
+    subdirs = {"deep16": "sub/"}  # a file in a sub-folder keeps it under --out
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "src/upscale.py"), "--model", str(model_path), "--out", str(out),
@@ -57,11 +59,12 @@ def test_cli_subprocess(tmp_path: Path, model_path: Path) -> None:
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 1, proc.stderr
+    names = {stem: f"{subdirs.get(stem, '')}{stem}_x{SCALE}.png" for stem in sizes}
     for stem, (w, h) in sizes.items():
-        with Image.open(out / f"{stem}_x{SCALE}.png") as im:
+        with Image.open(out / names[stem]) as im:
             assert im.size == (w * SCALE, h * SCALE) and im.mode == "RGB"
     # exactly the outputs: nothing for notes.txt / corrupt.png, no temp-file leftovers
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}_x{SCALE}.png" for s in sizes)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(names.values())
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "corrupt.png" in errors[0] and "truncated" in errors[0], proc.stderr
     assert errors[0].count("corrupt.png") == 1  # path not repeated by the loader's own message
@@ -76,8 +79,8 @@ def test_cli_in_process_exit_codes(tmp_path: Path, model_path: Path, capsys: pyt
     Image.fromarray(_rgb(6, 5)).save(src / "a.png")
     out = src / "sr"  # output folder inside the input folder
     assert upscale.main(["--model", str(model_path), "--out", str(out), "--tile", "0", str(src)]) == 0
-    # a re-run must not pick up its own outputs from src/sr
-    assert upscale.main(["--model", str(model_path), "--out", str(out), str(src)]) == 0
+    # a re-run must not pick up its own outputs from src/sr (and may replace them only when asked)
+    assert upscale.main(["--model", str(model_path), "--out", str(out), "--overwrite", str(src)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a_x4.png"]
     capsys.readouterr()
 
@@ -86,7 +89,7 @@ def test_cli_in_process_exit_codes(tmp_path: Path, model_path: Path, capsys: pyt
                        str(tmp_path / "missing.png")])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "already used by" in err and "missing.png: no such file or folder" in err
+    assert "is also the output of" in err and "missing.png: no such file or folder" in err
 
     rc = upscale.main(["--model", str(tmp_path / "nope.keras"), "--out", str(out), str(src)])
     assert rc == 1 and "cannot load generator" in capsys.readouterr().err
@@ -98,7 +101,7 @@ def test_upscale_files_matches_upscale(tmp_path: Path, model_path: Path) -> None
     model = models.load_generator(model_path)
     lr = _rgb(11, 14, 5)
     images.save_png(tmp_path / "x.png", lr)
-    (res,) = inference.upscale_files(model, [tmp_path / "x.png"], tmp_path / "o", tile=8, overlap=12)
+    (res,) = batch_upscale.upscale_files(model, [tmp_path / "x.png"], tmp_path / "o", tile=8, overlap=12)
     assert res.ok and res.out == tmp_path / "o" / "x_x4.png"
     expected = inference.upscale(model, lr, SCALE, tile=8, overlap=12)
     np.testing.assert_array_equal(images.load_rgb(res.out), expected)
@@ -106,7 +109,6 @@ def test_upscale_files_matches_upscale(tmp_path: Path, model_path: Path) -> None
 
 def test_self_ensemble_flag_writes_the_ensemble(tmp_path: Path) -> None:
     import upscale  # src/ is on the test path
-
     from srgan import images
 
     g = models.build_generator(section(GeneratorConfig, blocks=1, filters=4), SCALE)
@@ -122,3 +124,190 @@ def test_self_ensemble_flag_writes_the_ensemble(tmp_path: Path) -> None:
     written = images.load_rgb(tmp_path / "o" / "x_x4.png")
     np.testing.assert_array_equal(written, inference.upscale(model, lr, SCALE, tile=0, self_ensemble=True))
     assert not np.array_equal(written, inference.upscale(model, lr, SCALE, tile=0))
+
+
+# -- GitHub issue 17 item 7: checks before any work, no silent overwrite, Ctrl-C ---------------------
+
+def _errors(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_same_name_in_two_folders_is_refused_not_overwritten(tmp_path: Path, model_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    import upscale
+
+    first, second, out = tmp_path / "in1", tmp_path / "in2", tmp_path / "out"
+    for folder, seed in ((first, 1), (second, 2)):
+        (folder / "2020").mkdir(parents=True)
+        Image.fromarray(_rgb(6, 5, seed)).save(folder / "a.png")
+        Image.fromarray(_rgb(6, 5, seed + 10)).save(folder / "2020" / "b.png")
+    (first / "2021").mkdir()
+    Image.fromarray(_rgb(6, 5, 3)).save(first / "2021" / "b.png")  # same name, other sub-folder: kept apart
+    assert upscale.main(["--model", str(model_path), "--out", str(out), str(first), str(second)]) == 1
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 2 and all("is also the output of" in e and str(first) in e for e in errors)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == \
+        ["2020/b_x4.png", "2021/b_x4.png", "a_x4.png"]
+    model = models.load_generator(model_path)
+    from srgan import images
+
+    np.testing.assert_array_equal(images.load_rgb(out / "a_x4.png"),  # the first folder's, not the second's
+                                  inference.upscale(model, images.load_rgb(first / "a.png"), SCALE, tile=128,
+                                                    overlap=24))
+
+
+def test_existing_output_is_kept_unless_overwrite(tmp_path: Path, model_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    import upscale
+
+    Image.fromarray(_rgb(6, 5)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_x4.png").write_bytes(b"an earlier result")
+    assert upscale.main(["--model", str(model_path), "--out", str(out), str(tmp_path / "a.png")]) == 1
+    assert "already exists (--overwrite replaces it)" in capsys.readouterr().err
+    assert (out / "a_x4.png").read_bytes() == b"an earlier result"
+    assert upscale.main(["--model", str(model_path), "--out", str(out), "--overwrite", str(tmp_path / "a.png")]) == 0
+    with Image.open(out / "a_x4.png") as im:
+        assert im.size == (5 * SCALE, 6 * SCALE)
+
+
+def test_out_equal_to_input_folder_says_what_is_wrong(tmp_path: Path, model_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    import upscale
+
+    Image.fromarray(_rgb(6, 5)).save(tmp_path / "a.png")
+    assert upscale.main(["--model", str(model_path), "--out", str(tmp_path), str(tmp_path)]) == 1
+    (error,) = _errors(capsys.readouterr().err)
+    assert "is the output folder" in error and "choose another --out" in error and "no image" not in error
+
+
+def test_out_that_is_a_file_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import upscale
+
+    Image.fromarray(_rgb(6, 5)).save(tmp_path / "a.png")
+    (tmp_path / "out").write_text("a file")
+    # the model does not even exist: the --out check comes first (before TensorFlow and the model)
+    rc = upscale.main(["--model", str(tmp_path / "nope.keras"), "--out", str(tmp_path / "out"), str(tmp_path / "a.png")])
+    assert rc == 1 and _errors(capsys.readouterr().err) == [f"error: --out {tmp_path / 'out'} exists and is not a folder"]
+    assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_huge_input_is_refused_from_its_header(tmp_path: Path, model_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """The issue's case: a small PNG of 12000 x 12000 px (here bilevel: ~20 KB on disk)."""
+    import time
+    import warnings
+
+    import upscale
+
+    Image.new("1", (12000, 12000)).save(tmp_path / "huge.png")
+    Image.fromarray(_rgb(10, 12)).save(tmp_path / "small.png")
+    assert (tmp_path / "huge.png").stat().st_size < 500_000
+    out = tmp_path / "out"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # no PIL warning either
+        rc = upscale.main(["--model", str(model_path), "--out", str(out), str(tmp_path / "huge.png"),
+                           str(tmp_path / "small.png")])
+    assert time.perf_counter() - t0 < 60  # seconds, not hours (most of it is loading TensorFlow)
+    (error,) = _errors(capsys.readouterr().err)
+    assert rc == 1 and "huge.png: 12000x12000 is 144.0 MP, over the limit of 50 MP" in error
+    assert "raise --max-pixels" in error
+    assert sorted(p.name for p in out.iterdir()) == ["small_x4.png"]
+
+    # the limit is the flag's: 120 LR px refused at 100, accepted at 120
+    rc = upscale.main(["--model", str(model_path), "--out", str(tmp_path / "o2"), "--max-pixels", "100",
+                       str(tmp_path / "small.png")])
+    assert rc == 1 and "over the limit" in capsys.readouterr().err
+    assert upscale.main(["--model", str(model_path), "--out", str(tmp_path / "o2"), "--max-pixels", "120",
+                         str(tmp_path / "small.png")]) == 0
+
+
+def test_ctrl_c_in_process_one_line_no_partial_output(tmp_path: Path, model_path: Path, monkeypatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C while the second output is being written: exit 130, one line, only whole files."""
+    import upscale
+
+    for i in range(3):
+        Image.fromarray(_rgb(6, 5, i)).save(tmp_path / f"a{i}.png")
+    saves = []
+    real_save = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        saves.append(fp)
+        if len(saves) == 2:
+            fp.write(b"\x89PNG half")  # half an image, then the interrupt
+            raise KeyboardInterrupt
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = tmp_path / "out"
+    assert upscale.main(["--model", str(model_path), "--out", str(out), str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"interrupted: 1 image(s) written to {out}; the one in progress was not"]
+    assert [p.name for p in out.iterdir()] == ["a0_x4.png"]  # no temp file, no half a1
+
+
+@pytest.mark.slow
+def test_ctrl_c_subprocess_exit_130_without_traceback(tmp_path: Path, model_path: Path) -> None:
+    """A real SIGINT once the first output is written."""
+    import signal
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(40):  # far more work than the time the signal takes to arrive
+        Image.fromarray(_rgb(48, 48, i)).save(src / f"im{i:02d}.png")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "src/upscale.py"), "--model", str(model_path), "--out", str(out),
+         "--tile", "8", "--overlap", "12", str(src)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stdout.readline()
+        assert " -> " in first, first + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("interrupted: "), stderr
+    written = sorted(out.iterdir())
+    assert 1 <= len(written) < 40 and all(p.name.endswith("_x4.png") for p in written)  # no temp files
+    for p in written:
+        with Image.open(p) as im:
+            im.load()
+            assert im.size == (48 * SCALE, 48 * SCALE)
+
+
+# -- --model as an MLflow URI -----------------------------------------------------------------------
+
+def test_model_uris(tmp_path: Path, model_path: Path, mlflow_uri: str, monkeypatch) -> None:
+    import mlflow
+
+    import upscale
+    from srgan import images, tracking
+
+    before = mlflow.get_tracking_uri()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        run = tracking.start_run("uris")
+        run.log_artifact(model_path, "model")
+        tracking.log_generator_model(run.run_id, model_path, 16, 12, SCALE)
+        run.end()
+        version = tracking.register_model(run.run_id, "upscaler")
+        tracking.set_champion("upscaler", version)
+        Image.fromarray(_rgb(9, 7, 4)).save(tmp_path / "x.png")
+        outputs = []
+        for i, spec in enumerate([str(model_path), f"runs:/{run.run_id}", f"runs:/{run.run_id}/model",
+                                  "models:/upscaler@champion", f"models:/upscaler/{version}"]):
+            out = tmp_path / f"o{i}"
+            assert upscale.main(["--model", spec, "--out", str(out), str(tmp_path / "x.png")]) == 0, spec
+            outputs.append(images.load_rgb(out / "x_x4.png"))
+        assert all(np.array_equal(o, outputs[0]) for o in outputs)
+        assert upscale.main(["--model", "models:/upscaler@nope", "--out", str(tmp_path / "o9"),
+                             str(tmp_path / "x.png")]) == 1
+    finally:
+        mlflow.set_tracking_uri(before)

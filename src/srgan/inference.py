@@ -1,4 +1,6 @@
-"""Generator inference: whole-image or tiled (overlapping, stitched) upscaling, and batch files.
+"""Generator inference: whole-image or tiled (overlapping, stitched) upscaling of one image.
+
+Batch upscaling of files (planning, checks, per-file errors) is ``srgan.batch_upscale``.
 
 Tiling contract. The LR image is cut into *cores* of ``tile`` x ``tile`` px (the last row/column
 may be narrower). Each core is run inside a *window* that adds up to ``overlap`` px of context
@@ -26,21 +28,13 @@ a graph per image size would cost more than it saves. Multi-window plans use a c
 
 from __future__ import annotations
 
-import os
-import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
-
-# Extensions picked up when a folder is given (files named explicitly are always tried).
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
-)
 
 
 # --------------------------------------------------------------------------- tiling plan
@@ -164,7 +158,10 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 def upscale_float(
     model: Any, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 16, batch: int = 1
 ) -> np.ndarray:
-    """Raw float32 model output (unclipped) for a uint8 LR image, whole (``tile=0``) or tiled."""
+    """The raw float32 model output (unclipped) for a uint8 LR image, whole (``tile=0``) or tiled.
+
+    What :func:`upscale` rounds core by core; for checks stricter than uint8 (tiling, export).
+    """
     lr = _check_lr(lr, scale)
     h, w = lr.shape[:2]
     sr = np.empty((h * scale, w * scale, 3), np.float32)
@@ -238,132 +235,3 @@ def infer_scale(model: Any, probe: tuple[int, int] = (12, 16)) -> int:
             f"model maps a {h}x{w}x3 input to {tuple(out.shape[1:])}: not an integer RGB upscale"
         )
     return oh // h
-
-
-# --------------------------------------------------------------------------- files
-@dataclass
-class FileResult:
-    """Outcome of one input path: ``out`` on success, ``error`` (one line) on failure."""
-
-    src: Path
-    out: Path | None = None
-    error: str | None = None
-    lr_size: tuple[int, int] | None = None  # (width, height)
-    sr_size: tuple[int, int] | None = None
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def _one_line(exc: BaseException) -> str:
-    """The exception's message on one line (stderr gets one line per file)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def collect_inputs(
-    paths: Iterable[str | os.PathLike[str]], exclude: Path | None = None
-) -> tuple[list[Path], list[FileResult]]:
-    """Expand files and folders (recursively, by :data:`IMAGE_EXTENSIONS`) into image paths.
-
-    Returns (paths in argument order, folders sorted, duplicates dropped; failures for
-    arguments that do not exist or folders without images). Files under ``exclude`` (the
-    output folder) are skipped when walking folders, so re-runs never upscale their own outputs.
-    """
-    found: list[Path] = []
-    failures: list[FileResult] = []
-    seen: set[Path] = set()
-    excl = exclude.resolve() if exclude is not None else None
-
-    def add(p: Path) -> None:
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            found.append(p)
-
-    for arg in paths:
-        p = Path(arg)
-        if p.is_dir():
-            hits = sorted(
-                q
-                for q in p.rglob("*")
-                if q.suffix.lower() in IMAGE_EXTENSIONS
-                and q.is_file()
-                and not (excl is not None and q.resolve().is_relative_to(excl))
-            )
-            if not hits:
-                failures.append(FileResult(p, error="folder contains no image files"))
-            for q in hits:
-                add(q)
-        elif p.is_file():
-            add(p)
-        else:
-            failures.append(FileResult(p, error="no such file or folder"))
-    return found, failures
-
-
-def upscale_files(
-    model: Any,
-    paths: Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str],
-    tile: int = 0,
-    overlap: int = 16,
-    scale: int | None = None,
-    batch: int = 1,
-    on_result: Callable[[FileResult], None] | None = None,
-    self_ensemble: bool = False,
-) -> list[FileResult]:
-    """Upscale every image in ``paths`` (files or folders) to ``out_dir/<stem>_x{scale}.png``.
-
-    Failures (unreadable/corrupt input, name collision, write error, model error) are recorded
-    per file and never stop the others. ``scale`` defaults to :func:`infer_scale`. Outputs are
-    written atomically by ``images.save_png``. ``on_result`` is called as each file finishes.
-    """
-    # Imported here so upscale()/metrics users do not pay for (or depend on) image I/O.
-    from srgan import images
-
-    out_dir = Path(out_dir)
-    scale = infer_scale(model) if scale is None else int(scale)
-    inputs, results = collect_inputs(paths, exclude=out_dir)
-    for r in results:
-        if on_result:
-            on_result(r)
-    claimed: dict[str, Path] = {}
-    for src in inputs:
-        t0 = time.perf_counter()
-        res = FileResult(src)
-        name = f"{src.stem}_x{scale}.png"
-        # Flat output names can collide (a.png + a.jpg, or two folders): never let one input
-        # of this run overwrite another's output.
-        if name.casefold() in claimed:
-            res.error = f"output name {name} already used by {claimed[name.casefold()]}"
-        else:
-            claimed[name.casefold()] = src
-            try:
-                lr = images.load_rgb(src)
-                res.lr_size = (lr.shape[1], lr.shape[0])
-                sr = upscale(model, lr, scale, tile=tile, overlap=overlap, batch=batch,
-                             self_ensemble=self_ensemble)
-                res.sr_size = (sr.shape[1], sr.shape[0])
-                images.save_png(out_dir / name, sr)
-                res.out = out_dir / name
-            except images.ImageError as exc:
-                # load_rgb names the file itself; callers print the path, so drop the repeat.
-                res.error = _one_line(exc).removeprefix(f"{src}: ")
-            except Exception as exc:  # noqa: BLE001 - one bad file must not stop a batch
-                res.error = f"{type(exc).__name__}: {_one_line(exc)}"
-        res.seconds = time.perf_counter() - t0
-        results.append(res)
-        if on_result:
-            on_result(res)
-    return results
-
-
-def summarize(results: Sequence[FileResult], out_dir: Path, scale: int | None = None) -> str:
-    """One summary line for a batch run."""
-    ok = sum(r.ok for r in results)
-    bad = len(results) - ok
-    secs = sum(r.seconds for r in results)
-    sx = f" x{scale}" if scale else ""
-    return f"upscaled{sx}: {ok} written, {bad} failed, {secs:.1f}s -> {out_dir}"

@@ -6,6 +6,19 @@ also when DVC runs a stage in a temporary copy (``dvc exp run --temp/--queue``, 
 ``config.shared_root``): runs outlive the copy. The sqlite schema is created by one
 process under a file lock before any writer starts: several processes migrating a fresh sqlite store
 at once corrupt it.
+
+A copied or moved project: MLflow stores absolute ``file://`` artifact locations in the database
+(relative ones are resolved against the working directory when an experiment is created), so the
+copy's ``mlflow.db`` still points into the original folder. When the store is a sqlite file, its
+artifacts belong in the ``mlartifacts`` folder beside it; an experiment found pointing into another
+folder's ``mlartifacts`` is renamed aside (its runs stay readable) and a new experiment of the same
+name is created here, runs of such an experiment are never resumed or written to, and their
+artifacts are read from this folder's copy when it has one.
+
+The generator as an MLflow Model: ``log_generator_model`` adds a pyfunc model ``mlflow_model``
+(the ``.keras`` file, the ``srgan`` package as code, a tensor signature, the tile/overlap to
+run it with) next to the run's ``model/<name>.keras``; ``register_model``, ``promote`` (the
+``champion`` alias) and ``resolve_generator`` (path, ``runs:/``, ``models:/``) work with it.
 """
 
 from __future__ import annotations
@@ -14,9 +27,13 @@ import fcntl
 import logging
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
+import urllib.parse
+import urllib.request
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +45,13 @@ from .config import ROOT, TRAINING_SECTIONS, Config, shared_root
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value is 6000 characters
+ARTIFACT_DIR = "mlartifacts"  # beside a sqlite store: where its experiments keep artifacts
+KERAS_DIR, KERAS_SUFFIX = "model", ".keras"  # a training run's generator: model/<name>.keras
+ASIDE_TAG = "srgan.artifacts_elsewhere"  # on an experiment renamed aside: the folder it points into
+
+
+class ArtifactLocationError(RuntimeError):
+    """A run keeps its artifacts in another copy of the project: writing there would change it."""
 
 
 def tracking_uri() -> str:
@@ -46,7 +70,59 @@ def artifact_root(uri: str) -> str | None:
     db = _sqlite_path(uri)
     if db is None:
         return None
-    return (db.parent / "mlartifacts").resolve().as_uri()
+    return (db.parent / ARTIFACT_DIR).resolve().as_uri()
+
+
+def _file_uri_path(uri: str) -> Path | None:
+    """The local path of a ``file:`` URI, else None."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme != "file":
+        return None
+    return Path(urllib.request.url2pathname(parsed.path))
+
+
+def foreign_artifact_root(location: str | None, uri: str | None = None) -> Path | None:
+    """The ``mlartifacts`` folder of *another* project folder that ``location`` lies in, when the
+    store ``uri`` (default: this project's) is a sqlite file: a location copied along with the
+    database from the original project. None for this store's own folder, for non-file locations,
+    for servers and for locations that are not under an ``mlartifacts`` folder (set up by hand)."""
+    own = artifact_root(uri or tracking_uri())
+    path = _file_uri_path(location) if location else None
+    if own is None or path is None:
+        return None
+    own_path = _file_uri_path(own)
+    path = path.resolve()
+    if own_path is not None and path.is_relative_to(own_path):
+        return None
+    return next((folder for folder in (path, *path.parents) if folder.name == ARTIFACT_DIR), None)
+
+
+def _readable_artifact_uri(artifact_uri: str) -> str:
+    """Where to read artifacts stored at ``artifact_uri``: in a copied or moved project, this
+    folder's own copy of them (same sub-path under its mlartifacts) when it has one."""
+    old = foreign_artifact_root(artifact_uri)
+    own = _file_uri_path(artifact_root(tracking_uri()) or "")
+    src = _file_uri_path(artifact_uri)
+    if old is None or own is None or src is None:
+        return artifact_uri
+    local = own / src.resolve().relative_to(old)
+    return local.as_uri() if local.exists() else artifact_uri
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock on a sqlite store (a file beside it) across processes; no-op for servers."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(db) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _client():
@@ -60,32 +136,51 @@ def _client():
 def ensure_store() -> None:
     """Create the tracking store's schema from one process (file lock) before parallel writers."""
     uri = tracking_uri()
-    db = _sqlite_path(uri)
-    if db is None:
+    if _sqlite_path(uri) is None:
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(db) + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            _client().search_experiments(max_results=1)  # runs the schema migrations
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with _store_lock(uri):
+        _client().search_experiments(max_results=1)  # runs the schema migrations
+
+
+def _set_aside(client: Any, exp: Any, elsewhere: Path) -> str:
+    """Rename an experiment whose artifacts live in another project folder; returns the new name.
+
+    Its id, runs and metrics stay; only new runs need a location in this folder, and MLflow can
+    neither change an experiment's location nor hold two experiments of one name.
+    """
+    base = f"{exp.name} (artifacts in {elsewhere})"
+    name, n = base, 1
+    while client.get_experiment_by_name(name) is not None:
+        n += 1
+        name = f"{base} {n}"
+    client.rename_experiment(exp.experiment_id, name)
+    client.set_experiment_tag(exp.experiment_id, ASIDE_TAG, str(elsewhere))
+    log.warning("experiment %r keeps its artifacts in %s, another copy of this project: renamed it to %r; "
+                "new runs go to a new %r under %s", exp.name, elsewhere, name, exp.name,
+                artifact_root(tracking_uri()))
+    return name
 
 
 def experiment_id(name: str) -> str:
-    """Id of experiment ``name``, created (with a local artifact root) if missing."""
+    """Id of experiment ``name``, created (with a local artifact root) if missing, or if the one
+    found keeps its artifacts in another copy of the project (see the module docstring)."""
     ensure_store()
+    uri = tracking_uri()
     client = _client()
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root(tracking_uri()))
-    except Exception:  # another process created it between our get and create
+    with _store_lock(uri):  # one process sets a stale experiment aside, the others then see the new one
         exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+        if exp is not None:
+            elsewhere = foreign_artifact_root(exp.artifact_location, uri)
+            if elsewhere is None:
+                return exp.experiment_id
+            _set_aside(client, exp, elsewhere)
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root(uri))
+        except Exception:  # another process (e.g. a tracking server's client) created it meanwhile
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
 
 def git_state(root: Path = ROOT) -> dict[str, str]:
@@ -110,6 +205,18 @@ class Run:
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = _client()
+        self._artifacts_checked = False
+
+    def _check_artifact_location(self) -> None:
+        """ArtifactLocationError if this run's artifacts live in another copy of the project."""
+        if self._artifacts_checked:
+            return
+        elsewhere = foreign_artifact_root(self.client.get_run(self.run_id).info.artifact_uri)
+        if elsewhere is not None:
+            raise ArtifactLocationError(
+                f"MLflow run {self.run_id} keeps its artifacts in {elsewhere}, another copy of this project: "
+                "not writing there (new runs of this copy log beside its own mlflow.db)")
+        self._artifacts_checked = True
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params; values already logged with the same value are skipped (resume-safe)."""
@@ -147,15 +254,19 @@ class Run:
             self.client.set_tag(self.run_id, k, str(v))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._check_artifact_location()
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        self._check_artifact_location()
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        self._check_artifact_location()
         self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
+        self._check_artifact_location()
         self.client.log_dict(self.run_id, data, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
@@ -190,6 +301,11 @@ def resume_run(run_id: str) -> Run | None:
     except Exception:
         return None
     if run.info.lifecycle_stage != "active" or run.info.status == "FINISHED":
+        return None
+    elsewhere = foreign_artifact_root(run.info.artifact_uri)
+    if elsewhere is not None:
+        log.warning("not resuming MLflow run %s: its artifacts are in %s, another copy of this project; "
+                    "starting a new run", run_id, elsewhere)
         return None
     client.update_run(run_id, status="RUNNING")
     return Run(run_id)
@@ -237,12 +353,15 @@ def log_to_run(run_id: str, metrics: dict[str, float], artifacts: list[Path] | N
     """Add metrics and files to an existing (possibly finished) run."""
     run = Run(run_id)
     run.log_metrics(metrics)
-    for p in artifacts or []:
-        p = Path(p)
-        if p.is_dir():
-            run.log_artifacts(p, artifact_path)
-        else:
-            run.log_artifact(p, artifact_path)
+    try:
+        for p in artifacts or []:
+            p = Path(p)
+            if p.is_dir():
+                run.log_artifacts(p, artifact_path)
+            else:
+                run.log_artifact(p, artifact_path)
+    except ArtifactLocationError as exc:  # the metrics are in this store; the files would land elsewhere
+        log.warning("%s; files not logged: %s", exc, ", ".join(str(p) for p in artifacts or []))
 
 
 def download_model(run_id: str, dst: Path | None = None) -> Path:
@@ -250,12 +369,275 @@ def download_model(run_id: str, dst: Path | None = None) -> Path:
     import mlflow
 
     client = _client()
-    files = [a.path for a in client.list_artifacts(run_id, "model") if a.path.endswith(".keras")]
+    base = _readable_artifact_uri(client.get_run(run_id).info.artifact_uri)
+    files = [a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=f"{base}/{KERAS_DIR}")
+             if a.path.endswith(KERAS_SUFFIX)]
     if not files:
-        raise FileNotFoundError(f"MLflow run {run_id} has no model/*.keras artifact")
+        raise FileNotFoundError(f"MLflow run {run_id} has no {KERAS_DIR}/*{KERAS_SUFFIX} artifact")
+    name = files[0].rsplit("/", 1)[-1]
     dst = Path(dst or tempfile.mkdtemp(prefix="srgan-model-"))
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=files[0], dst_path=str(dst))
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{KERAS_DIR}/{name}", dst_path=str(dst))
     return Path(local)
+
+
+# -- the generator as an MLflow Model ------------------------------------------------------------
+
+MODEL_ARTIFACT = "mlflow_model"  # the MLflow Model's name (artifact path) in a training run
+MODEL_TYPE = "srgan-generator"
+CHAMPION = "champion"  # registry alias of the version to serve
+DEFAULT_MODEL_NAME = "srgan-generator"  # registered model name of the pipeline's generator
+PACKAGE_DIR = Path(__file__).resolve().parent  # the srgan package: code_paths of the MLflow Model
+PIXEL_MAX = 255.0  # served input values are 8-bit levels, 0..255
+# What the served model imports (srgan.tracking/models/inference and their imports), pinned to
+# this environment; given explicitly because MLflow would otherwise load the model (TensorFlow) in
+# a subprocess to guess them. tensorflow-cpu and tensorflow are alternatives (README: GPU machines).
+MODEL_REQUIREMENTS = ("mlflow", ("tensorflow-cpu", "tensorflow"), "keras", "numpy", "pydantic", "pyyaml")
+RUNS_URI = re.compile(r"^runs:/([0-9A-Za-z_-]+)(?:/model)?/?$")
+MODELS_URI = re.compile(r"^models:/([^/@]+)(?:@([^/@]+)|/([0-9]+))/?$")
+
+
+def _signature() -> Any:
+    """A batch of equal-size RGB images (N x H x W x 3) in 0..255 -> uint8 N x sH x sW x 3.
+
+    MLflow checks a tensor's dtype exactly, so one float32 input takes both kinds of image: uint8
+    images cast exactly, float images on the 0..255 scale; JSON numbers parse to it either way.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 3))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
+
+
+def _pip_requirements() -> list[str]:
+    from importlib import metadata
+
+    out = []
+    for dists in MODEL_REQUIREMENTS:
+        for dist in (dists,) if isinstance(dists, str) else dists:
+            try:
+                out.append(f"{dist}=={metadata.version(dist)}")
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+def as_uint8_batch(data: Any) -> np.ndarray:
+    """Model input -> uint8 N x H x W x 3: one H x W x 3 image or a batch; uint8 as is, other
+    numbers must be finite 8-bit levels in [0, 255] (rounded to the nearest level, as the LR
+    input of ``inference.upscale`` is 8-bit)."""
+    arr = np.asarray(data)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3 or 0 in arr.shape:
+        raise ValueError(f"expected RGB images N x H x W x 3 (or one H x W x 3), got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"expected numeric pixel values, got dtype {arr.dtype}")
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > PIXEL_MAX:
+        raise ValueError(f"pixel values must be 8-bit levels in [0, {PIXEL_MAX:g}] "
+                         f"(a [0, 1] float image: multiply by {PIXEL_MAX:g})")
+    return np.rint(arr).astype(np.uint8)
+
+
+class GeneratorPyfunc:
+    """The pyfunc model behind ``mlflow_model``: LR images -> SR images through the project's own
+    tiled inference (``inference.upscale``), so a large image never needs more memory than a tile."""
+
+    def __init__(self, keras_path: str | Path, tile: int, overlap: int, scale: int):
+        from . import inference, models  # TensorFlow only where a model is loaded
+
+        self.model = models.load_generator(keras_path)  # safe mode: registered layers only
+        self.tile, self.overlap, self.scale = int(tile), int(overlap), int(scale)
+        got = inference.infer_scale(self.model)
+        if got != self.scale:
+            raise ValueError(f"{keras_path}: the generator upscales x{got}, the model was logged as x{self.scale}")
+
+    def predict(self, data: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        from . import inference
+
+        batch = as_uint8_batch(data)
+        return np.stack([inference.upscale(self.model, lr, self.scale, tile=self.tile, overlap=self.overlap)
+                         for lr in batch])
+
+
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> GeneratorPyfunc:
+    """MLflow's loader-module entry point (``mlflow.pyfunc.load_model``, ``mlflow models serve``):
+    ``data_path`` is the model's copy of the .keras file, ``model_config`` the logged tile/overlap/scale."""
+    cfg = model_config or {}
+    return GeneratorPyfunc(data_path, cfg["tile"], cfg["overlap"], cfg["scale"])
+
+
+def log_generator_model(run_id: str, keras_path: Path, tile: int, overlap: int, scale: int) -> str:
+    """Log ``keras_path`` as run ``run_id``'s MLflow Model ``mlflow_model``; returns its ``models:/`` URI.
+
+    A pyfunc model loaded by this module (``loader_module``), so the flavour needs no pickled code:
+    the .keras file as data, the srgan package as ``code_paths`` (a serving process imports it from
+    there), the signature of ``_signature``, and ``tile``/``overlap``/``scale`` as its model config
+    (overridable when loading). The run keeps its ``model/<name>.keras`` for the project's scripts.
+    """
+    import mlflow
+    from mlflow.models import Model
+
+    Run(run_id)._check_artifact_location()  # the model's files would go beside the run's
+    client = _client()
+    run = client.get_run(run_id)
+    config = {"tile": int(tile), "overlap": int(overlap), "scale": int(scale)}
+    # Created explicitly in the run's experiment: without an active run MLflow would file the
+    # model under the default experiment (and its artifact location).
+    logged = mlflow.initialize_logged_model(name=MODEL_ARTIFACT, source_run_id=run_id,
+                                            experiment_id=run.info.experiment_id, model_type=MODEL_TYPE,
+                                            params={k: str(v) for k, v in config.items()})
+    with warnings.catch_warnings():
+        # No input example on purpose: MLflow would load and run the model (TensorFlow, and the
+        # code copy first on sys.path) in this process to validate it; the signature says it all.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        info = Model.log(artifact_path=None, name=MODEL_ARTIFACT, flavor=mlflow.pyfunc, run_id=run_id,
+                         model_id=logged.model_id, loader_module=__name__, data_path=str(keras_path),
+                         code_paths=[str(PACKAGE_DIR)], signature=_signature(),
+                         pip_requirements=_pip_requirements(), model_config=config)
+    return info.model_uri
+
+
+def _run_model_id(client: Any, run: Any) -> str:
+    """Id of the newest ready ``mlflow_model`` logged by ``run``."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    found = [m for m in (client.get_logged_model(o.model_id) for o in outputs)
+             if m.name == MODEL_ARTIFACT and str(m.status) == "READY"]
+    if not found:
+        raise LookupError(f"MLflow run {run.info.run_id} has no {MODEL_ARTIFACT!r} model "
+                          "(log it with tracking.log_generator_model)")
+    return max(found, key=lambda m: m.creation_timestamp).model_id
+
+
+def register_model(run_id: str, name: str = DEFAULT_MODEL_NAME) -> str:
+    """Register run ``run_id``'s ``mlflow_model`` as a new version of ``name``; returns the version.
+
+    The run's metrics as they are now (e.g. the evaluate stage's ``eval/...``, logged after the
+    model) are attached to the model first, so the registry shows them with the version.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = _client()
+    run = client.get_run(run_id)
+    model_id = _run_model_id(client, run)
+    batch = []
+    for key in run.data.metrics:
+        last = max(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        # the run's own point (same timestamp and step), so the run's history gains no duplicate
+        batch.append(Metric(key, last.value, last.timestamp, last.step, model_id=model_id))
+    for i in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
+    version = mlflow.register_model(f"models:/{model_id}", name).version
+    log.info("registered %s of run %s as %s version %s", MODEL_ARTIFACT, run_id, name, version)
+    return str(version)
+
+
+def set_champion(name: str, version: str | int) -> None:
+    """Point the ``champion`` alias of registered model ``name`` at ``version``."""
+    _client().set_registered_model_alias(name, CHAMPION, str(version))
+
+
+def promote(experiment: str, metric: str, name: str = DEFAULT_MODEL_NAME, higher_is_better: bool = True) -> str:
+    """Set ``champion`` on the version of ``name`` whose run is the best FINISHED run of ``experiment``
+    by the run metric ``metric`` (ties: the newer version); returns that version.
+
+    Only registered runs compete: a run without a version of ``name`` cannot be served by alias.
+    """
+    client = _client()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment {experiment!r}")
+    best: tuple[tuple[float, int], str] | None = None
+    for mv in _model_versions(client, name):
+        try:
+            run = client.get_run(mv.run_id)
+        except Exception:  # noqa: BLE001 - a deleted run's version cannot be the champion
+            log.debug("model %s version %s: run %s is gone", name, mv.version, mv.run_id)
+            continue
+        value = run.data.metrics.get(metric)
+        if (run.info.experiment_id != exp.experiment_id or run.info.status != "FINISHED"
+                or value is None or not math.isfinite(value)):
+            continue
+        key = (value if higher_is_better else -value, int(mv.version))
+        if best is None or key > best[0]:
+            best = (key, str(mv.version))
+    if best is None:
+        raise LookupError(f"no FINISHED run of experiment {experiment!r} with metric {metric!r} "
+                          f"has a version of registered model {name!r}")
+    set_champion(name, best[1])
+    log.info("%s@%s -> version %s (%s %s)", name, CHAMPION, best[1], metric,
+             best[0][0] if higher_is_better else -best[0][0])
+    return best[1]
+
+
+def _model_versions(client: Any, name: str) -> list[Any]:
+    out, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def _model_version(client: Any, spec: str) -> Any:
+    """The registry entry of ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+    from mlflow.exceptions import MlflowException
+
+    m = MODELS_URI.match(spec)
+    if not m:
+        raise ValueError(f"{spec}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    name, alias, version = m.groups()
+    try:
+        return (client.get_model_version_by_alias(name, alias) if alias
+                else client.get_model_version(name, version))
+    except MlflowException as exc:
+        raise FileNotFoundError(f"{spec}: no such registered model version ({exc.message})") from None
+
+
+def resolve_generator(spec: str | Path, dst: Path | None = None) -> Path:
+    """A local ``.keras`` generator for ``spec``: a file path (checked), ``runs:/<run id>[/model]``
+    (the run's ``model/*.keras``), or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``
+    (the registered MLflow Model's copy), downloaded into ``dst`` (default: a new temp folder)."""
+    import mlflow
+
+    text = str(spec)
+    if text.startswith("runs:/"):
+        m = RUNS_URI.match(text)
+        if not m:
+            raise ValueError(f"{text}: expected runs:/<run id> or runs:/<run id>/model")
+        return download_model(m.group(1), dst)
+    if text.startswith("models:/"):
+        client = _client()
+        mv = _model_version(client, text)
+        source = client.get_model_version_download_uri(mv.name, mv.version)
+        dst = Path(dst or tempfile.mkdtemp(prefix="srgan-model-"))
+        # only the model's data folder (the .keras file), not its code and environment files
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/data",
+                                                         dst_path=str(dst)))
+        found = sorted(local.rglob(f"*{KERAS_SUFFIX}"))
+        if len(found) != 1:
+            raise FileNotFoundError(f"{text}: expected one {KERAS_SUFFIX} file in the model, found {len(found)}")
+        return found[0]
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{text}: no such generator file")
+    return path
+
+
+def generator_run_id(spec: str | Path) -> str | None:
+    """The MLflow run a generator spec comes from (``runs:/`` or the registered version's run), else None."""
+    text = str(spec)
+    if text.startswith("runs:/"):
+        m = RUNS_URI.match(text)
+        return m.group(1) if m else None
+    if text.startswith("models:/"):
+        return _model_version(_client(), text).run_id
+    return None
 
 
 def search_runs(experiment: str, filter_string: str = "") -> list[dict[str, Any]]:

@@ -54,7 +54,8 @@ CALIBRATION = ("nearest", "bicubic", "hr")  # the paper's reference methods
 CONTEXT_LR = 48
 STIMULUS_ID = re.compile(r"^[0-9a-f]{16}$")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-RUN_SPEC = re.compile(r"^runs:/([A-Za-z0-9_-]+)/?$")
+RUN_SPEC = re.compile(r"^runs:/([A-Za-z0-9_-]+)(?:/model)?/?$")
+REGISTRY_PREFIX = "models:/"  # NAME=models:/<name>@<alias> or models:/<name>/<version>
 MODEL_SUFFIX = ".keras"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_RGB8 = (8, 2, 0, 0, 0)  # IHDR: 8 bits, colour type 2 (RGB), deflate, standard filters, no interlace
@@ -130,14 +131,18 @@ upscale_bicubic: Upscaler = _project_bicubic
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None, str | None]:
-    """``NAME=PATH`` or ``NAME=runs:/RUN_ID`` -> (name, path or None, run id or None)."""
+    """``NAME=PATH``, ``NAME=runs:/RUN_ID[/model]`` or ``NAME=models:/MODEL@ALIAS|/VERSION`` ->
+    (name, path or models:/ URI or None, run id or None)."""
     name, sep, target = spec.partition("=")
     if not sep or not name or not target:
-        raise StudyError(f"--model {spec!r}: expected NAME=PATH.keras or NAME=runs:/RUN_ID")
+        raise StudyError(f"--model {spec!r}: expected NAME=PATH.keras, NAME=runs:/RUN_ID "
+                         "or NAME=models:/MODEL@ALIAS")
     check_method_name(name)
     m = RUN_SPEC.match(target)
     if m:
         return name, None, m.group(1)
+    if target.startswith("runs:/"):
+        raise StudyError(f"--model {spec!r}: expected runs:/RUN_ID or runs:/RUN_ID/model")
     return name, target, None
 
 
@@ -161,22 +166,23 @@ def keras_upscaler(path: Path, tile: int = 0, overlap: int = 16) -> Upscaler:
 
 
 def model_method(spec: str, tile: int = 0, overlap: int = 16) -> ModelMethod:
-    """Resolve a ``--model`` spec, downloading the generator of an MLflow run if needed.
+    """Resolve a ``--model`` spec, downloading the generator of an MLflow run or registered model if needed.
 
     Anything that is not a loadable generator is a StudyError naming the spec, not a traceback.
     """
     name, path, run_id = parse_model_spec(spec)
-    if run_id is not None:
-        from srgan import tracking  # lazy: MLflow only for run ids
+    if run_id is not None or (path or "").startswith(REGISTRY_PREFIX):
+        from srgan import tracking  # lazy: MLflow only for URIs
 
+        uri = path if run_id is None else f"runs:/{run_id}"
         try:
-            local = Path(tracking.download_model(run_id))
+            local = tracking.resolve_generator(uri)
+            run_id = tracking.generator_run_id(uri)  # a registered version's run gets the MOS too
         except ImportError:
             raise
         except Exception as exc:  # noqa: BLE001 - MLflow raises many types for "no such run/artifact"
-            why = f"cannot download the generator of run {run_id}: {exc}"
-            raise StudyError(f"--model {spec!r}: {why}") from None
-        source = f"runs:/{run_id}"
+            raise StudyError(f"--model {spec!r}: cannot download the generator of {uri}: {exc}") from None
+        source = uri
     else:
         local = Path(path)  # type: ignore[arg-type]
         source = str(local)
