@@ -1,4 +1,4 @@
-"""The benchmark: report structure and plumbing. Speed is never asserted (shared, noisy CPUs)."""
+"""The benchmark's bookkeeping and plumbing. Speed is never asserted (shared, noisy CPUs)."""
 
 from __future__ import annotations
 
@@ -9,179 +9,135 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import tiny_config
-from srgan import bench, config
+
+from srgan.bench import cli, quality, report, steps, timing
 from srgan.config import ROOT
 
+SRC = str(ROOT / "src")
+# a torch_peer spec small enough for a second on any CPU
+TINY_PEER = {"job": "torch_peer", "steps": ["g_pretrain", "srgan"], "timing": {"warmup": 1, "repeats": 1},
+             "precisions": ["float32"]}
 
-# --------------------------------------------------------------------------- pure helpers
-def test_stats_and_rates():
-    s = bench.stats([4.0, 1.0, 2.0, 3.0])
-    assert s["n"] == 4 and s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 4.0
-    assert s["q1"] <= s["median"] <= s["q3"]
-    r = bench.rate(s, per_call=10.0)
-    assert r["median"] == pytest.approx(4.0)
-    assert r["min"] == pytest.approx(2.5) and r["max"] == pytest.approx(10.0)
-    assert r["iqr_lo"] <= r["median"] <= r["iqr_hi"]
+
+def _child(python: str, spec: dict, *pre: str) -> dict:
+    """Run ``srgan.bench.child`` under ``python`` (``pre``: arguments before the module, e.g. -c)."""
+    env = {**os.environ, "PYTHONPATH": SRC, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [python, *(pre or ("-m", "srgan.bench.child"))]
+    proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_stats_and_rate():
+    s = timing.stats([4.0, 1.0, 2.0, 3.0])
+    assert (s["n"], s["median"], s["min"], s["max"]) == (4, 2.5, 1.0, 4.0) and s["q1"] <= 2.5 <= s["q3"]
+    r = timing.rate(s, per_call=10.0)
+    assert r["median"] == pytest.approx(4.0) and r["iqr_lo"] <= r["median"] <= r["iqr_hi"]
+    assert timing.stats([3.0])["q1"] == timing.stats([3.0])["q3"] == 3.0
     with pytest.raises(ValueError):
-        bench.stats([])
+        timing.stats([])
 
 
-def test_report_is_strict_json_and_written_atomically(tmp_path):
-    out = tmp_path / "reports" / "bench.json"
-    out.parent.mkdir()
-    out.write_text("old content")
-    bench.write_report(out, {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
-    # strict parser: NaN/Inf became null; the old file was replaced whole, no temp file left
-    data = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
-    assert data == {"a": None, "b": [1.0, None], "c": {"d": 2}}
-    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json"]
-
-
-def test_parse_variant_maps_atoms_to_config_env_and_steps():
-    cfg = tiny_config()
-    v = bench.parse_variant("onednn+xla+bf16:g_pretrain/srgan", cfg)
-    assert v.name == "onednn+xla+bf16" and v.steps == ("g_pretrain", "srgan")
-    assert v.cfg.train.jit_compile and v.cfg.train.precision == "mixed_bfloat16"
-    assert v.env == {"TF_ENABLE_ONEDNN_OPTS": "1"}
-    plain = bench.parse_variant("plain", cfg)
-    assert plain.steps == bench.STEPS and plain.env == {} and plain.cfg == cfg
-    assert bench.parse_variant("inter1", cfg).threads == [0, 1]
-    with pytest.raises(ValueError, match="unknown variant"):
-        bench.parse_variant("fp16", cfg)
-    with pytest.raises(ValueError, match="unknown step"):
-        bench.parse_variant("plain:g_step", cfg)
-
-
-def test_cli_rejects_bad_options():
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--only", "steps,nonsense"])
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--upscale-lr", "510by339"])
-    args = bench.parse_args(["--quick"])
-    assert args.sections == {"steps", "pipeline", "upscale"} and args.upscale_lr is None
-    assert bench.parse_args(["--upscale-lr", "510x339"]).upscale_lr == (339, 510)  # WxH -> (h, w)
-    assert bench.upscale_size(False, 128, 24) == (339, 510)
-    assert bench.upscale_size(True, 128, 24) == (177, 177)  # one full window (128 + 2*24) + 1 px
-    assert bench.parse_args(["--quality"]).sections >= {"quality"}
-
-
-def test_cpu_info_has_what_the_report_needs():
-    info = bench.cpu_info()
-    assert info["cores"] >= 1 and isinstance(info["model"], str)
-    assert set(info["flags"]) >= {"avx2", "fma", "avx512_bf16", "amx_bf16"}
-    assert isinstance(info["native_bf16"], bool)
-
-
-def test_graph_flop_count_matches_the_analytic_generator_count():
+def test_step_flops_follow_the_convention_on_the_models_own_counts():
     from srgan import models
 
     cfg = tiny_config()
-    G = models.build_generator(cfg.model.generator, cfg.preprocess.scale)
-    shape = (2, 6, 8, 3)
-    assert bench.graph_flops(G, shape) == models.generator_flops(G, shape) > 0
+    G = models.build_generator(cfg.model.generator, 4)
     D = models.build_discriminator(cfg.model.discriminator, 16)
-    assert bench.graph_flops(D, (2, 16, 16, 3)) == models.generator_flops(D, (2, 16, 16, 3)) > 0
+    f = steps.step_flops(G, D, "block1_conv2", batch=2, patch=16, scale=4)
+    f_g = models.generator_flops(G, (2, 4, 4, 3))
+    f_d, f_d2 = models.generator_flops(D, (2, 16, 16, 3)), models.generator_flops(D, (4, 16, 16, 3))
+    f_v = 2 * (2 * 16 * 16 * 9 * 3 * 64 + 2 * 16 * 16 * 9 * 64 * 64)  # VGG19 to block1_conv2, 2 images
+    assert f["forward_G"] == f_g > 0 and f["forward_D"] == f_d > 0 and f["forward_VGG"] == f_v
+    assert f["g_pretrain"] == 3 * f_g  # trained: 3x forward
+    assert f["d_step"] == f_g + 3 * f_d2  # G forward only; D trained on real + fake
+    assert f["srgan"] == 3 * f_g + 3 * f_d2 + f_d + 2 * f_v + f_v  # D and VGG pass G's gradient back
+    assert steps.step_flops(G, D, None, 2, 16, 4)["srgan"] == 3 * f_g + 3 * f_d2 + f_d  # no VGG loss
 
 
-def test_quality_comparison_pairs_seeds_and_judges_against_the_seed_spread():
-    def run(seed: int, psnr: float) -> dict:
-        return {"seed": seed, "seconds": 1.0, "steps": 3, "val": {"val_psnr_y": psnr, "val_ssim_y": 0.8},
-                "bicubic": {"bicubic_psnr_y": 30.0}}
-
-    f32 = bench.quality_summary([run(1, 30.1), run(2, 30.3)])
-    close = bench.quality_comparison({"float32": f32,
-                                      "mixed_bfloat16": bench.quality_summary([run(1, 30.15), run(2, 30.2)])})
-    assert close["quality_psnr_y_bf16_minus_f32"] == pytest.approx(-0.025)
-    assert close["quality_paired_deltas_db"] == pytest.approx([0.05, -0.1])
-    assert close["quality_seed_spread_db"] == pytest.approx(0.2) and close["quality_equal_within_seed_spread"]
-    far = bench.quality_comparison({"float32": f32,
-                                    "mixed_bfloat16": bench.quality_summary([run(1, 29.5), run(2, 29.6)])})
-    assert far["quality_equal_within_seed_spread"] is False
-    assert bench.quality_comparison({"float32": f32, "mixed_bfloat16": {"error": "boom", "runs": []}}) == {}
+def test_each_step_is_measured_against_the_limit_of_its_own_precision():
+    limits = {"float32": {"flop_per_s": 100e9}, "bfloat16": {"flop_per_s": 10e9}}
+    bf16 = {"precision": "mixed_bfloat16", "limits": limits, "steps": {"g_pretrain": {"flop_per_s": 5e9}}}
+    assert steps.limit_fraction(bf16, "g_pretrain") == pytest.approx(0.5)
+    f32 = {**bf16, "precision": "float32"}
+    assert steps.limit_fraction(f32, "g_pretrain") == pytest.approx(0.05)
 
 
-# --------------------------------------------------------------------------- end to end
-def _positive(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+def test_quality_summary_gives_mean_and_seed_spread():
+    def runs(prec, *psnr):
+        return [{"precision": prec, "seed": 42 + i, "seconds": 1.0, "psnr_y": p} for i, p in enumerate(psnr)]
+
+    q = quality.summarize({"float32": runs("float32", 30.1, 30.3), "mixed_bfloat16": runs("mixed_bfloat16", 30.15, 30.2)})
+    assert q["float32"]["mean"] == pytest.approx(30.2) and q["float32"]["spread"] == pytest.approx(0.2)
+    assert q["float32"]["seeds"] == [42, 43]
+    assert q["bf16_minus_f32_db"] == pytest.approx(-0.025) and q["seed_spread_db"] == pytest.approx(0.2)
+    assert q["equal_within_seed_spread"] is True
+    far = quality.summarize({"float32": runs("float32", 30.1, 30.3), "mixed_bfloat16": runs("mixed_bfloat16", 29.5, 29.6)})
+    assert far["equal_within_seed_spread"] is False
+    assert "equal_within_seed_spread" not in quality.summarize({"float32": runs("float32", 30.0),
+                                                                "mixed_bfloat16": runs("mixed_bfloat16", 30.0)})
+
+
+def test_variants_map_atoms_to_config_and_environment():
+    cfg = tiny_config()
+    v = cli.parse_variant("onednn+bf16", cfg)
+    assert v.env == {"TF_ENABLE_ONEDNN_OPTS": "1"} and v.cfg.train.precision == "mixed_bfloat16"
+    x = cli.parse_variant("xla", cfg)
+    assert x.cfg.train.jit_compile and x.env == {}
+    assert cli.parse_variant("plain", cfg).cfg == cfg
+    with pytest.raises(ValueError, match="unknown variant"):
+        cli.parse_variant("fp16", cfg)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--only", "steps,nonsense"])
+    assert cli.parse_args(["--quality"]).sections == {"steps", "pipeline", "upscale", "torch", "quality"}
+    assert cli.parse_args(["--upscale-lr", "510x339"]).upscale_lr == (339, 510)  # WxH -> (h, w)
+
+
+def test_report_is_strict_json_written_atomically(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text("old")
+    report.write_report(out, {"a": float("nan"), "b": [1.0, float("inf")]})
+    assert json.loads(out.read_text(), parse_constant=pytest.fail) == {"a": None, "b": [1.0, None]}
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+def test_torch_peer_is_skipped_with_a_message_without_torch():
+    shim = "import sys, runpy; sys.modules['torch'] = None; runpy.run_module('srgan.bench.child', run_name='__main__')"
+    spec = {**TINY_PEER, "net": {}}
+    res = _child(sys.executable, spec, "-c", shim)
+    assert res == {"skipped": res["skipped"]} and "torch is not importable" in res["skipped"]
+
+
+def test_torch_peer_runs_a_tiny_step_when_torch_is_installed():
+    python = os.environ.get("BENCH_TORCH_PYTHON", sys.executable)
+    if subprocess.run([python, "-c", "import torch"], capture_output=True).returncode:
+        pytest.skip(f"torch is not importable by {python} (set BENCH_TORCH_PYTHON to an interpreter with torch)")
+    from srgan.bench import torch_peer
+
+    res = _child(python, {**TINY_PEER, "net": torch_peer.net_spec(tiny_config())})
+    for name in TINY_PEER["steps"]:
+        r = res["precisions"]["float32"][name]
+        assert r["finite"] and r["per_s"]["median"] > 0 and r["first_call_s"] > 0
 
 
 @pytest.mark.slow
-def test_quick_run_writes_a_complete_report(processed_dir, tmp_path):
-    """`bench.py --quick` on a tiny model: every section present, every figure positive and finite."""
+def test_quick_run_writes_every_section(processed_dir, tmp_path):
     out = tmp_path / "reports" / "bench.json"
-    flags = (
-        "--quick --blocks 1 --batch 2 --patch 16 --variants plain --base-variant plain --upscale-lr 40x30 "
-        "--matmul-n 256 --quality --quality-steps 2 --quality-gan-steps 1 --quality-blocks 1 "
-        "--quality-seeds 1 --quality-batch 2 --quality-patch 16"
-    ).split()
-    script = ROOT / "src" / "bench.py"
-    cmd = [sys.executable, str(script), *flags, "--processed", str(processed_dir), "--out", str(out)]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=840, check=False)
+    flags = ["--quick", "--blocks", "1", "--batch", "2", "--patch", "16", "--upscale-lr", "40x30", "--matmul-n", "256", "--quality", "--quality-steps", "2", "--quality-seeds", "1"]
+    cmd = [sys.executable, str(ROOT / "src" / "bench.py"), *flags, "--processed", str(processed_dir), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=840, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Training steps" in proc.stdout and "Targets" in proc.stdout
-    assert sorted(p.name for p in out.parent.iterdir()) == ["bench.json"]  # atomic: no temp file left
-
+    assert "Training steps" in proc.stdout and "feed ratio" in proc.stdout
     rep = json.loads(out.read_text())
-    assert rep["summary"]["errors"] == {}
-    seed = config.load().seed
-    assert rep["config"]["blocks"] == 1 and rep["config"]["batch"] == 2 and rep["config"]["hr_patch"] == 16
-    assert rep["machine"]["cpu"]["cores"] >= 1
-
-    plain = rep["variants"]["plain"]
-    assert _positive(plain["matmul"]["flop_per_s"])
-    for step in bench.STEPS:
-        s = plain["steps"][step]
-        assert s["finite"]
-        for key in ("first_call_s", "flops_per_step", "flop_per_s"):
-            assert _positive(s[key]), (step, key, s[key])
-        for key in ("steps_per_s", "hr_mpix_per_s"):
-            assert _positive(s[key]["median"]), (step, key)
-        assert s["seconds"]["n"] >= 1 and s["seconds"]["min"] <= s["seconds"]["median"] <= s["seconds"]["max"]
-    f = plain["flops"]
-    assert f["g_pretrain"] == 3 * f["forward_G"] and f["srgan"] > f["d_step"] > f["forward_G"] > 0
-    tf = plain["target_flops"]  # 16 blocks, batch 16, HR 96: far more work than the tiny model
-    assert tf["g_pretrain"] > 100 * f["g_pretrain"]
-
-    pipe = rep["pipeline"]
-    assert _positive(pipe["crops_per_s"]["median"]) and _positive(pipe["feed"]["ratio"])
-    assert pipe["variant"] == "plain"
-
-    for size in ("small", "large"):
-        u = rep["upscale"][size]
-        for key in ("rss_peak_mb", "rss_base_mb", "hr_mpix", "flop_per_s"):
-            assert _positive(u[key]), (size, key)
-        assert u["rss_peak_delta_mb"] >= 0 and _positive(u["hr_mpix_per_s"]["median"])
-    assert rep["upscale"]["large"]["lr_hw"] == [60, 80]
-    assert _positive(rep["summary"]["upscale_mem_ratio"])
-
-    for prec in ("float32", "mixed_bfloat16"):
-        q = rep["quality"][prec]
-        assert [r["precision"] for r in q["runs"]] == [prec] and q["steps"] == 3
-        assert _positive(q["psnr_y"]["mean"]) and _positive(q["bicubic_psnr_y"])
-        assert [r["seed"] for r in q["runs"]] == [seed]
-    assert math.isfinite(rep["summary"]["quality_psnr_y_bf16_minus_f32"])
-    assert len(rep["summary"]["quality_paired_deltas_db"]) == 1
-    # one seed gives no spread to judge "equal" by (two seeds per precision: test_quality_comparison)
-    assert "quality_equal_within_seed_spread" not in rep["summary"]
-
-    rows = {r["target"]: r for r in rep["summary"]["targets"]}
-    assert len(rows) == 5
-    g = rows["G pretrain steps/s (float32)"]
-    # a tiny model is not the target config: no pass/fail, an estimate from FLOP arithmetic instead
-    assert g["pass"] is None and g["estimate_pass"] in (True, False)
-    assert _positive(g["needs_flop_per_s"]) and isinstance(g["reachable"], bool)
-    assert rep["is_target_config"] is False
-    assert bench.format_report(rep)  # the table renders from the stored JSON too
-
-    # with two seeds per precision the table pairs them and gives a verdict (runs re-seeded copies)
-    for prec in ("float32", "mixed_bfloat16"):
-        r0 = rep["quality"][prec]["runs"][0]
-        r1 = json.loads(json.dumps(r0))
-        r1["seed"], r1["val"]["val_psnr_y"] = seed + 1, r0["val"]["val_psnr_y"] + 5.0  # spread >> any delta
-        rep["quality"][prec] = bench.quality_summary([r0, r1])
-    rep["summary"].update(bench.quality_comparison(rep["quality"]))
-    text = bench.format_report(rep)
-    assert "2 seed(s)" in text and "per seed:" in text and "equal within seed noise" in text
+    assert rep["summary"]["errors"] == {} and [p.name for p in out.parent.iterdir()] == ["bench.json"]
+    v = rep["variants"]["onednn"]
+    assert set(v["limits"]) == {"float32", "bfloat16"} and v["precision"] == "float32"
+    for name in steps.STEPS:
+        s = v["steps"][name]
+        assert s["finite"] and s["flops"] > 0 and s["per_s"]["median"] > 0 and math.isfinite(steps.limit_fraction(v, name))
+    assert rep["pipeline"]["crops_per_s"]["median"] > 0 and rep["pipeline"]["feed_ratio"] > 0
+    assert rep["upscale"]["large"]["lr_hw"] == [60, 80] and rep["summary"]["upscale_mem_ratio"] > 0
+    assert "skipped" in rep["torch_peer"] or rep["summary"]["torch_ratio"]
+    assert {"float32", "mixed_bfloat16", "bf16_minus_f32_db"} <= set(rep["quality"])
+    assert report.format_report(rep)  # the table renders from the stored JSON too
