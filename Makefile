@@ -8,7 +8,7 @@ MLFLOW_PORT ?= 5000
 # dvc.yaml's commands say `python`: make it the venv's
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup lock repro test test-fast bench study compare tune mlflow-server sysdeps clean-venv
+.PHONY: setup lock repro test test-fast bench study compare tune ui mlflow-server sysdeps clean-venv
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ compare: setup
 
 tune: setup
 	$(BIN)/python src/tune.py
+
+# Browse every run: the repository's store, and the link that opens it in the model-training view
+ui: setup
+	@$(BIN)/python -c "from srgan import config, tracking; print('open', tracking.ui_link(config.load().tracking.experiment, base='http://$(MLFLOW_HOST):$(MLFLOW_PORT)'))"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 mlflow-server: setup
 	$(BIN)/mlflow server --backend-store-uri sqlite:///mlflow-server.db \

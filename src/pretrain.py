@@ -13,6 +13,7 @@ from srgan.trainer import NonFiniteLossError, TrainStateError
 
 
 def main(cfg: Config, args) -> None:
+    from srgan import tracking
     from srgan.experiment import run_training
     from srgan.trainer import TrainData
 
@@ -20,6 +21,8 @@ def main(cfg: Config, args) -> None:
     run_id, result = run_training(cfg, "pretrain", data, args.model, args.checkpoints, args.reports,
                                   run_name="srresnet")
     print(f"MLflow run {run_id}: " + " ".join(f"{k}={v:.4f}" for k, v in result.val.items()))
+    if run_id:  # where `make ui` (or `mlflow ui`) shows it
+        print(f"  {tracking.ui_link(cfg.tracking.experiment, run_id)}")
 
 
 if __name__ == "__main__":

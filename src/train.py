@@ -35,6 +35,8 @@ def main(cfg: Config, args) -> None:
         tracking.log_generator_model(run_id, args.model, cfg.evaluate.tile, cfg.evaluate.tile_overlap,
                                      cfg.preprocess.scale)
     print(f"MLflow run {run_id}: " + " ".join(f"{k}={v:.4f}" for k, v in result.val.items()))
+    if run_id:  # where `make ui` (or `mlflow ui`) shows it
+        print(f"  {tracking.ui_link(cfg.tracking.experiment, run_id)}")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ def _client(uri):
 
 
 @pytest.mark.slow
-def test_pretrain_then_gan_runs_are_logged_to_mlflow(processed_dir, mlflow_uri, tmp_path):
+def test_pretrain_then_gan_runs_are_logged_to_mlflow(processed_dir, mlflow_uri, tmp_path, monkeypatch):
     from srgan import models
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # MLflow's own override: the runs are short
     from srgan.experiment import phase_params, run_training
     from srgan.trainer import TrainData
 
@@ -63,6 +65,15 @@ def test_pretrain_then_gan_runs_are_logged_to_mlflow(processed_dir, mlflow_uri, 
     assert arts == {"validation/step_0000005.png", "validation/step_0000006.png"}
     assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/generator.keras"]
     assert [a.path for a in client.list_artifacts(pre_id, "model")] == ["model/srresnet.keras"]
+    # what mlflow ui needs: the model-training view, the Dataset column, the system metrics charts
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+    for r in (pre_run, run):
+        inputs = {(d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+                  for d in r.inputs.dataset_inputs}
+        assert inputs == {("sample/train", data.manifest_digest[:36], "training"),
+                          ("sample/valid", data.manifest_digest[:36], "validation")}, inputs
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(r.data.metrics)
 
     # the adversarial phase started from the SRResNet: its first validation is near the SRResNet's
     # and both saved generators reload in safe mode

@@ -134,6 +134,9 @@ def run_training(
         if phase == "gan":
             tags["adv.loss"] = cfg.adv.loss
         run = tracking.start_run(cfg.tracking.experiment, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+        if data.manifest_digest:  # the shards and validation images the run reads, by content digest
+            for folder, context in ((data.shard_dir, "training"), (data.shard_dir.parent / "valid", "validation")):
+                run.log_dataset(f"{cfg.data.source}/{folder.name}", data.manifest_digest, folder, context)
     if state is not None:
         state.bind_run(run.run_id)
     baseline = data.baseline(cfg.preprocess.scale)
@@ -141,7 +144,7 @@ def run_training(
     if reports_dir is not None:
         cbs.append(HistoryWriter(Path(reports_dir) / HISTORY_NAME, state.dir / HISTORY_NAME if state else None))
     started = time.time()
-    with tracking.run_context(run, exception_status):
+    with tracking.run_context(run, exception_status), run.system_metrics():
         run.log_dict(cfg.to_dict(), "config/params.json")
         trainer, result = train(cfg, phase, data, state, cbs, init_generator=init_generator, data_offset=data_offset)
         summary = {**baseline, **result.val, "train_seconds_this_session": time.time() - started,

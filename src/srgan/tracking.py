@@ -24,6 +24,7 @@ run it with) next to the run's ``model/<name>.keras``; ``register_model``, ``pro
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import math
 import os
@@ -48,6 +49,12 @@ MAX_PARAM_LEN = 6000  # MLflow's limit on a param value is 6000 characters
 ARTIFACT_DIR = "mlartifacts"  # beside a sqlite store: where its experiments keep artifacts
 KERAS_DIR, KERAS_SUFFIX = "model", ".keras"  # a training run's generator: model/<name>.keras
 ASIDE_TAG = "srgan.artifacts_elsewhere"  # on an experiment renamed aside: the folder it points into
+# MLflow 3's UI opens an experiment in its GenAI view (traces) unless it is tagged as model training
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# ... and the tag alone does not switch 3.17's UI out of it (measured): a link to the experiment with
+# this query does, so the stages and `make ui` print such links (see ui_path)
+UI_QUERY = "workflowType=machine_learning"
+SYSTEM_METRICS_INTERVAL_S = 10  # CPU/memory sampling of training runs (MLflow's own default interval)
 
 
 class ArtifactLocationError(RuntimeError):
@@ -172,15 +179,30 @@ def experiment_id(name: str) -> str:
         if exp is not None:
             elsewhere = foreign_artifact_root(exp.artifact_location, uri)
             if elsewhere is None:
+                if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # stores made before the tag
+                    client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return exp.experiment_id
             _set_aside(client, exp, elsewhere)
         try:
-            return client.create_experiment(name, artifact_location=artifact_root(uri))
+            return client.create_experiment(name, artifact_location=artifact_root(uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # another process (e.g. a tracking server's client) created it meanwhile
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
             return exp.experiment_id
+
+
+def ui_path(experiment_id: str, run_id: str | None = None) -> str:
+    """The ``mlflow ui`` page (after its base URL) of an experiment's runs table, or of one run, in
+    the UI's model-training view."""
+    run = f"/runs/{run_id}" if run_id else ""
+    return f"#/experiments/{experiment_id}{run}?{UI_QUERY}"
+
+
+def ui_link(experiment: str, run_id: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
+    """``ui_path`` as a full link for the local `make ui` server (or ``base``)."""
+    return f"{base}/{ui_path(experiment_id(experiment), run_id)}"
 
 
 def git_state(root: Path = ROOT) -> dict[str, str]:
@@ -268,6 +290,28 @@ class Run:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self._check_artifact_location()
         self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_dataset(self, name: str, digest: str, source: Path, context: str) -> None:
+        """Record a dataset the run read (the runs table's Dataset column): a folder on disk by name,
+        content digest and ``context`` (``training`` / ``validation``)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest[:36], source_type="local",
+                     source=json.dumps({"uri": Path(source).resolve().as_uri()}))
+        self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
+    @contextmanager
+    def system_metrics(self) -> Iterator[None]:
+        """Sample CPU, memory and disk into the run (``system/*`` metrics) while the block runs."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                       resume_logging=True, tracking_uri=tracking_uri())
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def end(self, status: str = "FINISHED") -> None:
         """Terminate with FINISHED, FAILED or KILLED."""
