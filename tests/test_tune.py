@@ -115,14 +115,27 @@ def test_pruning_callback_prunes_a_trial_below_the_median(tmp_path):
 @pytest.mark.slow
 def test_killed_tune_resumes_without_losing_or_repeating_finished_trials(processed, mlflow_uri, tmp_path):
     params = _params(tmp_path, **{"tune.pruner": "none"})
+    tracking.ensure_store()  # the schema first: this test reads the store while tune.py writes it
     proc = _tune(tmp_path, processed, mlflow_uri, "--n-trials", "6", params=params, popen=True)
     from optuna.trial import TrialState
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+
+    def runs_of_killed_session() -> list:
+        exp = client.get_experiment_by_name("srgan")
+        return [r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("optuna.worker", "").endswith(f":{proc.pid}")] if exp else []
 
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
         if (tmp_path / "journal.log").exists():
             trials = _study(tmp_path).trials
-            if sum(t.state == TrialState.COMPLETE for t in trials) >= 1 and trials[-1].state == TrialState.RUNNING:
+            # kill mid-trial: one finished, the next one running with its MLflow run open
+            if (sum(t.state == TrialState.COMPLETE for t in trials) >= 1 and trials[-1].state == TrialState.RUNNING
+                    and any(r.info.status == "RUNNING" and r.data.tags.get("optuna.trial") == str(trials[-1].number)
+                            for r in runs_of_killed_session())):
                 proc.send_signal(signal.SIGKILL)
                 break
         time.sleep(0.5)
@@ -130,9 +143,18 @@ def test_killed_tune_resumes_without_losing_or_repeating_finished_trials(process
     before = _study(tmp_path).trials
     finished = {t.number: t.params for t in before if t.state == TrialState.COMPLETE}
     cut = [t for t in before if t.state == TrialState.RUNNING]
-    assert finished and len(cut) == 1, [t.state for t in before]
+    assert finished and len(cut) == 1, ([t.state for t in before], proc.stdout.read()[-3000:])
+    # what SIGKILL left: the session's parent run and the cut trial's child run, both RUNNING
+    assert sum(r.info.status == "RUNNING" for r in runs_of_killed_session()) == 2
 
     _tune(tmp_path, processed, mlflow_uri, "--n-trials", "2", params=params)
+    # the next call closed them KILLED (the finished trials' runs stay FINISHED)
+    left = runs_of_killed_session()
+    cut_runs = [r for r in left if r.data.tags.get("optuna.trial") == str(cut[0].number)]
+    assert len(cut_runs) == 1 and cut_runs[0].info.status == "KILLED"
+    parents = [r for r in left if "optuna.trial" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "KILLED"
+    assert {r.info.status for r in left if r not in cut_runs + parents} == {"FINISHED"}
     after = _study(tmp_path).trials
     # the finished trials are all still there, unchanged
     for t in after:
