@@ -3,6 +3,7 @@ from the one pretrained generator, compared in reports/compare/index.html.
 
     python src/compare.py --run [--jobs N]     # make study: queue, run, collect, report
     python src/compare.py [--study STUDY_ID]   # rebuild the report of a study from MLflow
+    python src/compare.py --promote eval/valid/niqe   # `champion` = the registered generator best by it
 
 What is compared comes from params.yaml ``study.*``; each cell's run is found in MLflow by the
 digest of its training params, nested under the study's parent run, and shown side by side.
@@ -51,6 +52,14 @@ def main(cfg: Config, args) -> None:
         exps = study.plan(cfg, study_id)
         rows = study.collect(cfg, exps)
         page = study.write_report(cfg, rows, args.out, args.processed / "valid", args.srresnet, study_id)
+    if args.promote:
+        # every evaluated SRGAN is a version of the registered model; NIQE is lower-better
+        try:
+            version = tracking.promote(cfg.tracking.experiment, args.promote, tracking.DEFAULT_MODEL_NAME,
+                                       higher_is_better="niqe" not in args.promote)
+        except LookupError as exc:  # no such experiment, model or metric
+            raise cli.UserError(f"--promote {args.promote}: {exc}") from None
+        print(f"{tracking.DEFAULT_MODEL_NAME}@champion -> version {version} (best {args.promote})")
     if (args.out.parent / "index.html").exists():
         report.build(args.out.parent, cfg.flat())
     print(f"study {study_id}: {len(rows)} runs -> {page}")
@@ -64,5 +73,7 @@ if __name__ == "__main__":
     extra.add_argument("--run", action="store_true", help="queue and run the experiments first")
     extra.add_argument("--study", help="study id (default: new with --run, else the last one)")
     extra.add_argument("--jobs", type=int, default=0, help="experiments at once (default: study.jobs)")
+    extra.add_argument("--promote", metavar="METRIC", help="set the champion alias by this run metric, "
+                       "e.g. eval/valid/psnr_y (the evaluate stage's choice) or eval/valid/niqe (lower wins)")
     cli.stage(main, __doc__, {"out": "reports/compare", "processed": "data/processed",
                               "srresnet": "models/srresnet.keras"}, parents=[extra])
