@@ -60,6 +60,14 @@ def test_dvc_repro_end_to_end_and_only_affected_stages_rerun(project_copy, tmp_p
     # nothing changed: nothing runs
     log = _run(dvc + ["repro"], project_copy, env)
     assert ran_stages(log) == set(), log
+    # the plots are declared once: three curves/bars and the comparison images as image plots
+    plots = json.loads(_run(dvc + ["plots", "show", "--json"], project_copy, env).strip().splitlines()[-1])["data"]
+    assert {"SRResNet pre-training", "adversarial training", "PSNR-Y per validation image"} <= set(plots)
+    assert all(e["type"] == "vega" for k in ("SRResNet pre-training", "adversarial training") for e in plots[k])
+    images = [k for k, v in plots.items() if k.startswith("reports/eval/valid/") and v[0]["type"] == "image"]
+    assert images and all(k.endswith("_compare.png") for k in images), list(plots)
+    for cmd in (["git", "add", "-A"], ["git", "commit", "-qm", "first results"]):
+        _run(cmd, project_copy, env)
 
     # a train.* param makes train (and so evaluate) stale, not fetch or preprocess; an evaluate.*
     # param only evaluate. `dvc status` tells without spending minutes re-running them.
@@ -90,6 +98,12 @@ def test_dvc_repro_end_to_end_and_only_affected_stages_rerun(project_copy, tmp_p
     log = _run(dvc + ["repro"], project_copy, env)
     assert ran_stages(log) == {"train", "evaluate"}, log
     assert (project_copy / "models" / "srresnet.keras").read_bytes() == srresnet
+    # `dvc metrics diff` shows what the objective changed against the committed results, and only that
+    diff = json.loads(_run(dvc + ["metrics", "diff", "--json"], project_copy, env).strip().splitlines()[-1])
+    assert "reports/metrics.json" in diff and "reports/pretrain/summary.json" not in diff, diff
+    changed = diff["reports/metrics.json"]
+    assert "valid.srgan.psnr_y" in changed and "valid.srresnet.psnr_y" not in changed, changed
+    assert "PSNR-Y per validation image" in _run(dvc + ["plots", "diff", "--json"], project_copy, env)
 
 
 @pytest.mark.slow
