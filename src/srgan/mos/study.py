@@ -49,8 +49,9 @@ Upscaler = Callable[[np.ndarray, int], np.ndarray]
 FORMAT = 1
 CALIBRATION = ("nearest", "bicubic", "hr")  # the paper's reference methods
 # LR pixels of context kept around a crop before upscaling, so a crop's border is not an image
-# border for the model: the generator's receptive-field radius is 2 * blocks + 8 LR px (see
-# params.yaml evaluate.tile_overlap), 40 for the paper's 16 blocks; bicubic needs 2.
+# border for the model: at least the generator's receptive-field radius (models.receptive_radius: 40
+# LR px for the paper's SRResNet, 349 for ESRGAN's RRDB); src/mos.py uses max(this, evaluate.tile_overlap),
+# so a big generator's tile_overlap covers it too; bicubic needs 2.
 CONTEXT_LR = 48
 STIMULUS_ID = re.compile(r"^[0-9a-f]{16}$")
 METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
