@@ -87,17 +87,25 @@ def test_broken_yaml_is_reported(tmp_path):
         config.load(tmp_path / "missing.yaml")
 
 
-def test_readme_paper_recipe_is_valid_params():
-    """Every `-S key=value` of the README's DIV2K paper command names a real param with a valid value."""
+def test_readme_paper_recipes_are_valid_params():
+    """Every `-S key=value` of the README's SRGAN and ESRGAN paper commands names a real param with a
+    valid value, and the recipes say what the papers did."""
     import re
 
     readme = (config.ROOT / "README.md").read_text()
-    block = readme.split("### The paper's recipe on DIV2K (GPU)")[1].split("\n\n(")[0]
-    sets = dict(re.findall(r"-S ([\w.]+)=(\S+)", block))
-    assert len(sets) >= 20 and sets["model.generator.upsampler"] == "paper"
-    cfg = config.load(overrides={k: yaml.safe_load(v) for k, v in sets.items()})  # DVC parses values as YAML
-    assert cfg.model.generator.blocks == 16 and cfg.model.generator.batch_norm
-    assert cfg.vgg.weights == "imagenet" and cfg.pretrain.steps == 10**6
+    section = readme.split("### The paper's recipes (GPU, DIV2K)")[1].split("\n## ")[0] + "\n\n"
+    blocks = re.findall(r"    dvc exp run (.*?)\n\n", section, re.S)
+    assert len(blocks) == 2, blocks
+    cfgs = []
+    for block in blocks:
+        sets = dict(re.findall(r"-S ([\w.]+)=(\S+)", block))
+        assert len(sets) >= 20 and sets["model.generator.upsampler"] == "paper"
+        cfgs.append(config.load(overrides={k: yaml.safe_load(v) for k, v in sets.items()}))  # DVC parses YAML
+    srgan, esrgan = cfgs
+    assert srgan.model.generator.arch == "srresnet" and srgan.model.generator.blocks == 16
+    assert srgan.model.generator.batch_norm and srgan.vgg.weights == "imagenet" and srgan.pretrain.steps == 10**6
+    assert esrgan.model.generator.arch == "rrdb" and esrgan.model.generator.blocks == 23
+    assert esrgan.adv.loss == "relativistic_average" and esrgan.vgg.before_activation and esrgan.pretrain.loss == "l1"
 
 
 def test_edit_params_keeps_comments_and_refuses_bad_values(tmp_path):
