@@ -31,6 +31,16 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _float32_policy_after_each_test():
+    """Training sets Keras' global precision policy (``train.precision: auto`` picks mixed_bfloat16
+    on CPUs with AVX512-BF16/AMX) for the whole process; later tests must build in float32."""
+    yield
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+
+
 def tiny_config(**overrides) -> config.Config:
     """The tiny test config, with dotted-key overrides."""
     cfg = config.from_dict(TINY)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from srgan import models
 from srgan.config import ConfigError, DiscriminatorConfig, EdsrConfig, GeneratorConfig, RrdbConfig, section
 from srgan.models import (
     BICUBIC_RADIUS,
@@ -362,3 +363,23 @@ def test_xla_compiles_generator_with_bicubic_skip():
     xla = tf.function(lambda t: g(t, training=False), jit_compile=True)
     np.testing.assert_allclose(xla(x), g(x, training=False), rtol=0, atol=XLA_TOL)
     assert "HloModule" in xla.experimental_get_compiler_ir(tf.constant(x))(stage="hlo")
+
+
+def test_a_generator_trained_in_mixed_precision_is_saved_to_compute_in_float32(tmp_path):
+    """train.precision picks bf16 per machine; the saved file must not carry that choice along."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        g = models.build_generator(section(GeneratorConfig, blocks=1, filters=8), 4)
+        assert g.get_layer("trunk_add").dtype_policy.name == "mixed_bfloat16"
+        x = np.random.default_rng(0).random((1, 12, 12, 3), np.float32)
+        y_bf16 = np.asarray(g(x))
+        path = models.save_generator(g, tmp_path / "g.keras")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}
+    assert [w.dtype for w in loaded.weights] == [w.dtype for w in g.weights]  # float32 variables either way
+    for a, b in zip(loaded.get_weights(), g.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # the same function, computed in float32 instead of bf16: bf16's 8-bit mantissa is the difference
+    np.testing.assert_allclose(np.asarray(loaded(x)), y_bf16, atol=2e-2)

@@ -41,6 +41,7 @@ OVERRIDES = {
     "model.discriminator.batch_norm": False, "adv.loss": "least_squares", "loss.w_vgg": 0.01,
     "train.batch_size": 4, "gan.steps": STEPS, "train.log_every": 1, "train.val_every": 10 * STEPS,
     "train.val_images": 1, "train.checkpoint_every": CHECKPOINT_EVERY,
+    "train.precision": "float32",  # the round-off the tolerances assume (auto may pick bf16)
 }
 
 

@@ -98,9 +98,48 @@ def test_study_finds_every_cell_and_renders_its_report(processed_dir, pretrained
             body = pg.locator("#set-valid + table tbody tr")
             texts = [body.nth(i).inner_text() for i in range(body.count())]
             assert any(t.startswith("hinge") and "±" in t for t in texts), texts  # mean ± spread of 2 seeds
-            assert any(t.startswith("SRResNet") for t in texts) and any(t.startswith("bicubic") for t in texts)
+            assert any(t.startswith("pretrained") for t in texts) and any(t.startswith("bicubic") for t in texts)
             widths = pg.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth)")
             assert len(widths) >= 1 and all(w and w > 0 for w in widths), widths  # crops decoded
             pg.screenshot(path=str(tmp_path / "study.png"), full_page=True)
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_study_of_two_generators_and_two_objectives_renders_both(processed_dir, mlflow_uri, tmp_path):
+    """The generator as the study's second axis: each architecture from its own pretrained
+    generator, every (arch, objective) cell found and shown in the report's table."""
+    from srgan import evaluate
+    from srgan.experiment import run_training
+    from srgan.trainer import TrainData
+
+    cfg = _cfg(**{"study.seeds": [1], "study.archs": ["srresnet", "edsr"]})
+    data = TrainData.load(processed_dir, 1)
+    exps = study.plan(cfg, "s2")
+    assert sorted((e.arch, e.loss) for e in exps) == [("edsr", "hinge"), ("edsr", "least_squares"),
+                                                      ("srresnet", "hinge"), ("srresnet", "least_squares")]
+    pretrained, pre_ids = {}, {}
+    for arch in ("srresnet", "edsr"):  # what the pretrain stage of each arch's experiments gives
+        acfg = next(e for e in exps if e.arch == arch).config(cfg)
+        pretrained[arch] = tmp_path / f"pre-{arch}.keras"
+        pre_ids[arch], _ = run_training(acfg, "pretrain", data, pretrained[arch])
+        tracking.log_to_run(pre_ids[arch], {"eval/valid/psnr_y": 26.0, "eval/valid/ssim_y": 0.7})
+    for e in exps:
+        ecfg = e.config(cfg)
+        assert ecfg.model.generator.arch == e.arch
+        run_id, _ = run_training(ecfg, "gan", data, tmp_path / f"{e.name}.keras", init_generator=pretrained[e.arch],
+                                 extra_tags={"srresnet.run_id": pre_ids[e.arch]})
+        summary = evaluate.evaluate(ecfg.evaluate, 4, {"srgan": tmp_path / f"{e.name}.keras"},
+                                    {"valid": processed_dir / "valid"}, tmp_path / e.name)
+        tracking.log_to_run(run_id, evaluate.run_metrics(summary, "srgan"))
+    rows = study.collect(cfg, exps)
+    assert sorted((r["arch"], r["loss"]) for r in rows) == sorted((e.arch, e.loss) for e in exps)
+
+    page = study.write_report(cfg, rows, tmp_path / "compare", processed_dir / "valid",
+                              pretrained["srresnet"], "s2", seconds=60.0)
+    text = page.read_text()
+    for arch in ("srresnet", "edsr"):
+        for loss in ("hinge", "least_squares"):
+            assert f"<td>{loss}</td><td>{arch}</td>" in text, (arch, loss)
+        assert f"<td>pretrained (pixel loss, no GAN)</td><td>{arch}</td>" in text, arch  # each arch's own start

@@ -276,7 +276,9 @@ def test_public_steps_return_their_loss_parts(processed_dir):
     cfg = tiny_config()
     prepare_runtime(cfg)
     lr, hr = tf.random.uniform((4, 4, 4, 3)), tf.random.uniform((4, 16, 16, 3))
-    assert set(Trainer(cfg, "pretrain").pretrain_step((lr, hr))) == {"g_mse"}
+    # the pretrain loss (l1 by default) and MSE, which is always logged (PSNR's own loss)
+    assert set(Trainer(cfg, "pretrain").pretrain_step((lr, hr))) == {"g_mse", "g_l1"}
+    assert set(Trainer(tiny_config(**{"pretrain.loss": "mse"}), "pretrain").pretrain_step((lr, hr))) == {"g_mse"}
     gan = Trainer(cfg, "gan")
     assert set(gan.d_step((lr, hr))) == {"d_loss", "d_gp"}
     parts = gan.gan_step((lr, hr))

@@ -256,9 +256,11 @@ def test_ctrl_c_subprocess_exit_130_without_traceback(tmp_path: Path, model_path
 
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
-    for i in range(40):  # far more work than the time the signal takes to arrive
-        Image.fromarray(_rgb(48, 48, i)).save(src / f"im{i:02d}.png")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    side = 96  # 144 tiles of 8 px each: far more work than the time the signal takes to arrive
+    for i in range(40):
+        Image.fromarray(_rgb(side, side, i)).save(src / f"im{i:02d}.png")
+    # unbuffered: the first line must reach us when it is printed, not when the pipe's buffer fills
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "src/upscale.py"), "--model", str(model_path), "--out", str(out),
          "--tile", "8", "--overlap", "12", str(src)],
@@ -279,7 +281,7 @@ def test_ctrl_c_subprocess_exit_130_without_traceback(tmp_path: Path, model_path
     for p in written:
         with Image.open(p) as im:
             im.load()
-            assert im.size == (48 * SCALE, 48 * SCALE)
+            assert im.size == (side * SCALE, side * SCALE)
 
 
 # -- --model as an MLflow URI -----------------------------------------------------------------------

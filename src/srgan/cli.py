@@ -66,6 +66,13 @@ def run_main(main: Callable[[], object], expected: tuple[type[BaseException], ..
         main()
     except (ConfigError, UserError, FileNotFoundError, *expected) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if getattr(exc, "exit_at_once", False):
+            # e.g. a lost peer worker: TensorFlow's collective runtime is broken, and the normal
+            # interpreter teardown can hang on it or print its threads' errors after ours
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; run the same command again to resume", file=sys.stderr)

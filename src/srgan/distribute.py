@@ -85,6 +85,8 @@ class ClusterError(UserError):
 class WorkerLostError(UserError):
     """A peer worker died or stopped answering mid-run: this worker stops too (resumable)."""
 
+    exit_at_once = True  # cli.run_main: no interpreter teardown over a broken collective runtime
+
 
 @dataclass(frozen=True)
 class Task:

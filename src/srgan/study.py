@@ -259,14 +259,14 @@ def write_report(cfg: Config, rows: Sequence[Mapping[str, Any]], out_dir: Path, 
             body.append(f"<tr><td>{html.escape(e['method'])}</td><td>{html.escape(e['arch'])}</td>"
                         f"<td>{e['seeds']}</td>" + "".join(f"<td>{_fmt(e, k)}</td>" for k in METRICS) + "</tr>")
         for arch, per_set in pre.items():
-            body.append(f"<tr class=ref><td>SRResNet (MSE, no GAN)</td><td>{html.escape(arch)}</td><td>-</td>"
+            body.append(f"<tr class=ref><td>pretrained (pixel loss, no GAN)</td><td>{html.escape(arch)}</td><td>-</td>"
                         + "".join(f"<td>{_fmt(per_set[s], k)}</td>" for k in METRICS) + "</tr>")
         for ref in summary[s]["references"]:
             body.append(f"<tr class=ref><td>{ref['method']}</td><td>-</td><td>-</td>"
                         + "".join(f"<td>{_fmt(ref, k)}</td>" for k in METRICS) + "</tr>")
         parts.append(f"<h2 id='set-{html.escape(s)}'>{html.escape(s)}</h2><table><thead><tr><th>objective</th>"
                      f"<th>generator</th><th>seeds</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
-        refs = {"bicubic": summary[s]["references"][0], **{f"SRResNet {a}": pre[a][s] for a in pre}}
+        refs = {"bicubic": summary[s]["references"][0], **{f"pretrained {a}": pre[a][s] for a in pre}}
         png = scatter_png(rows, s, refs)
         if png:
             dataio.write_bytes_atomic(out_dir / f"scatter_{s}.png", png)
