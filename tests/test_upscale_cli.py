@@ -264,7 +264,9 @@ def test_ctrl_c_subprocess_exit_130_without_traceback(tmp_path: Path, model_path
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "src/upscale.py"), "--model", str(model_path), "--out", str(out),
          "--tile", "8", "--overlap", "12", str(src)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # a background job (`make test &`) inherits SIGINT ignored, and Python then keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.readline()
         assert " -> " in first, first + proc.stderr.read()
