@@ -32,6 +32,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(proc: subprocess.Popen, url: str, log: Path, timeout: float, what: str) -> None:
+    """Poll ``url`` until it answers 200; RuntimeError with the server's log tail if ``proc`` exits
+    first or ``timeout`` s pass."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n" + log.read_text()[-4000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{what} not up after {timeout} s:\n" + log.read_text()[-4000:])
+        time.sleep(0.5)
+
+
 def _stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
     """SIGTERM the process group started with ``proc`` (its own session), SIGKILL if it lingers."""
     if proc.poll() is None:
@@ -74,21 +92,7 @@ def mlflow_server(root: Path, cmd: list[str] | None = None, port: int | None = N
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n"
-                                   + (root / "mlflow-server.log").read_text()[-4000:])
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"mlflow server not healthy after {timeout} s:\n"
-                                   + (root / "mlflow-server.log").read_text()[-4000:])
-            time.sleep(0.5)
+        wait_until_up(proc, url + "/health", root / "mlflow-server.log", timeout, "mlflow server")
         yield url
     finally:
         _stop_group(proc)

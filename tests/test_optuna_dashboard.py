@@ -10,13 +10,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from _servers import free_port
+from _servers import free_port, wait_until_up
 from conftest import tiny_config
 from srgan import tune
 
@@ -36,20 +35,17 @@ def test_dashboard_serves_the_journal_study(tmp_path):
 
     port = free_port()
     exe = str(DASHBOARD if DASHBOARD.exists() else shutil.which("optuna-dashboard"))
-    proc = subprocess.Popen([exe, str(journal), "--host", "127.0.0.1", "--port", str(port), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "dashboard.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([exe, str(journal), "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
     try:
-        deadline, studies = time.time() + START_S, None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
-                    studies = json.load(r)["study_summaries"]
-                break
-            except OSError:
-                time.sleep(0.5)
-        assert studies is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
+        wait_until_up(proc, url + "/api/studies", log, START_S, "optuna-dashboard")
+        with urllib.request.urlopen(url + "/api/studies", timeout=5) as r:
+            studies = json.load(r)["study_summaries"]
         (found,) = [s for s in studies if s["study_name"] == "srgan-perpix"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{found['study_id']}", timeout=5) as r:
+        with urllib.request.urlopen(f"{url}/api/studies/{found['study_id']}", timeout=5) as r:
             detail = json.load(r)
         assert len(detail["trials"]) == 3 and max(v for t in detail["trials"] for v in t["values"]) == 27.4
     finally:

@@ -19,14 +19,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _servers import free_port
+from _servers import free_port, wait_until_up
 from test_tracking import METRIC, OVERLAP, SCALE, TILE, log_tiny_generator, lr_image
 
 VENV_BIN = Path(sys.executable).parent
@@ -73,17 +72,7 @@ def test_champion_served_over_http_equals_tiled_inference(tmp_path, mlflow_uri, 
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + START_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"server exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"not up after {START_TIMEOUT} s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
+        wait_until_up(proc, url + "/ping", log_path, START_TIMEOUT, "mlflow models serve")
 
         lr = lr_image(20, 13, seed=7)  # 3 x 2 tiles of 8 px: the tiled path
         status, answer = _post(url + "/invocations", {"inputs": lr[None].tolist()})

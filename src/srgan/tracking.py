@@ -201,8 +201,10 @@ def ui_path(experiment_id: str, run_id: str | None = None) -> str:
 
 
 def ui_link(experiment: str, run_id: str | None = None, base: str = "http://127.0.0.1:5000") -> str:
-    """``ui_path`` as a full link for the local `make ui` server (or ``base``)."""
-    return f"{base}/{ui_path(experiment_id(experiment), run_id)}"
+    """``ui_path`` as a full link for the local `make ui` server (or ``base``): of ``run_id`` (its own
+    experiment), else of the runs table of ``experiment``."""
+    exp_id = _client().get_run(run_id).info.experiment_id if run_id else experiment_id(experiment)
+    return f"{base}/{ui_path(exp_id, run_id)}"
 
 
 def git_state(root: Path = ROOT) -> dict[str, str]:
