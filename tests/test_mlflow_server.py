@@ -122,3 +122,38 @@ def test_make_mlflow_server_command_serves_runs_and_artifacts(tmp_path, monkeypa
         assert [a.path for a in client.list_artifacts(run.run_id, "validation")] == ["validation/step_0000003.png"]
         note = client.download_artifacts(run.run_id, "notes/note.txt", str(tmp_path / "dl"))
         assert open(note).read() == "hello"
+
+
+def test_runs_logging_one_dataset_at_once_all_record_it(tmp_path, monkeypatch, restore_mlflow_uri):
+    """Tuning workers on one server log the same training set at the same moment: MLflow looks the
+    dataset up and then inserts it, so without a retry all but one fail with a UNIQUE violation
+    (seen in CI: two PostgreSQL-coordinated workers). Every run must end up linked to one dataset."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from srgan import tracking
+
+    server_root, port = tmp_path / "server", free_port()
+    with mlflow_server(server_root, mlflow_server_cmd(server_root, port), port) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        runs = [tracking.start_run("srgan", run_name=f"worker-{i}") for i in range(8)]
+        start, errors = threading.Barrier(len(runs)), []
+
+        def log(run: tracking.Run) -> None:
+            start.wait()
+            try:
+                run.log_dataset("sample/train", "cfedd2ad71c7", tmp_path, "training")
+            except Exception as err:  # noqa: BLE001 - collected and asserted below
+                errors.append(err)
+
+        threads = [threading.Thread(target=log, args=(run,)) for run in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        client = MlflowClient(tracking_uri=url)
+        for run in runs:
+            inputs = client.get_run(run.run_id).inputs.dataset_inputs
+            assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("sample/train", "cfedd2ad71c7")]

@@ -55,6 +55,8 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 # this query does, so the stages and `make ui` print such links (see ui_path)
 UI_QUERY = "workflowType=machine_learning"
 SYSTEM_METRICS_INTERVAL_S = 10  # CPU/memory sampling of training runs (MLflow's own default interval)
+DATASET_LOG_ATTEMPTS = 4  # log_inputs tries when another writer inserted the same dataset first
+DATASET_LOG_RETRY_S = 0.2  # back-off between those tries (grows per try)
 
 
 class ArtifactLocationError(RuntimeError):
@@ -130,6 +132,12 @@ def _store_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _is_unique_violation(err: Exception) -> bool:
+    """Whether a store refused an insert because another writer inserted the same row first."""
+    text = str(err)
+    return any(mark in text for mark in ("UNIQUE constraint failed", "IntegrityError", "duplicate key value"))
 
 
 def _client():
@@ -298,9 +306,22 @@ class Run:
         content digest and ``context`` (``training`` / ``validation``)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
+        from mlflow.exceptions import MlflowException
+
         ds = Dataset(name=name, digest=digest[:36], source_type="local",
                      source=json.dumps({"uri": Path(source).resolve().as_uri()}))
-        self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(ds, [InputTag("mlflow.data.context", context)])]
+        # MLflow looks the dataset up, then inserts it: two runs logging the same dataset at once
+        # (tuning workers on one server) can both miss it, and the second insert then fails. Once
+        # the first has committed, a retry finds the row and only links it to this run.
+        for attempt in range(DATASET_LOG_ATTEMPTS):
+            try:
+                self.client.log_inputs(self.run_id, inputs)
+                return
+            except MlflowException as err:
+                if attempt + 1 == DATASET_LOG_ATTEMPTS or not _is_unique_violation(err):
+                    raise
+                time.sleep(DATASET_LOG_RETRY_S * (attempt + 1))
 
     @contextmanager
     def system_metrics(self) -> Iterator[None]:
