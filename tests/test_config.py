@@ -34,7 +34,7 @@ def test_every_params_key_has_a_comment():
 
 def test_resume_safe_keys_come_from_the_schema():
     assert config.resume_safe_keys() == {"train.log_every", "train.val_every", "train.checkpoint_every",
-                                         "train.val_images", "train.onednn"}
+                                         "train.val_images", "train.onednn", "train.cache_mb"}
 
 
 def test_training_runs_log_training_sections_only():

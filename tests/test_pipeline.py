@@ -154,3 +154,39 @@ def test_load_pairs(processed):
         np.testing.assert_array_equal(p.lr, images.downscale(p.hr, SCALE))
     assert len(dataio.load_pairs(processed / "valid", limit=2)) == 2
     assert [p.name for p in dataio.iter_pairs(processed / "valid", names=["v2", "v0"])] == ["v0", "v2"]
+
+
+@pytest.mark.parametrize("start, shards, index", [(0, 1, 0), (5, 1, 0), (3, 2, 1)])
+def test_crops_in_memory_give_the_streamed_batches(processed, start, shards, index):
+    """train.cache_mb: the in-memory path gathers each batch at once; every value equals the
+    stream's (same record order, offsets, flips and rotations), also resumed and sharded."""
+    def run(cache_bytes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return batches(pipeline.train_dataset(processed / "train", BATCH, PATCH, SCALE, seed=11, start_step=start,
+                                              num_shards=shards, shard_index=index, cache_bytes=cache_bytes), 7)
+
+    streamed, cached = run(0), run(2**30)
+    for (ls, hs), (lc, hc) in zip(streamed, cached, strict=True):
+        np.testing.assert_array_equal(lc, ls)
+        np.testing.assert_array_equal(hc, hs)
+
+
+def test_symmetric_patches_are_numpy_flips_and_rotations():
+    import tensorflow as tf
+
+    crops = np.random.default_rng(0).integers(0, 256, (3, 9, 7, 3), dtype=np.uint8)
+    rows, oy, ox = np.array([2, 0, 1, 2, 1, 0, 2, 1]), np.array([0, 4, 1, 3, 2, 0, 4, 1]), np.array([2, 0, 1, 2, 0, 2, 1, 0])
+    flip, k = np.array([0, 1, 0, 1, 0, 1, 0, 1], bool), np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    got = pipeline.symmetric_patches(tf.constant(crops), tf.constant(rows, tf.int64), tf.constant(oy, tf.int32),
+                                     tf.constant(ox, tf.int32), tf.constant(flip), tf.constant(k, tf.int32), 5).numpy()
+    for n in range(len(rows)):
+        patch = crops[rows[n], oy[n]:oy[n] + 5, ox[n]:ox[n] + 5]
+        np.testing.assert_array_equal(got[n], np.rot90(patch[:, ::-1] if flip[n] else patch, k[n]))
+
+
+def test_crops_too_large_for_the_budget_are_streamed(processed):
+    files = sorted((processed / "train").glob("*.tfrecord"))
+    assert pipeline.load_crops(files, SCALE, PATCH // SCALE, budget=sum(f.stat().st_size for f in files) - 1) is None
+    hr, lr = pipeline.load_crops(files, SCALE, PATCH // SCALE, budget=2**30)
+    assert hr.shape == (12, CROP, CROP, 3) and lr.shape == (12, CROP // SCALE, CROP // SCALE, 3)
+    with pytest.raises(ValueError, match="smaller than hr_patch 96"):
+        pipeline.load_crops(files, SCALE, 96 // SCALE, budget=2**30)

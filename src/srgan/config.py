@@ -197,6 +197,7 @@ class TrainConfig(Section):
     onednn: Annotated[bool, Field(json_schema_extra=RESUME_SAFE)]
     precision: Literal["auto", "float32", "mixed_bfloat16"]
     deterministic: bool
+    cache_mb: Annotated[int, Field(ge=0, json_schema_extra=RESUME_SAFE)]
 
 
 class PhaseConfig(Section):

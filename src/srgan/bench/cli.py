@@ -182,7 +182,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with processed_data(args.processed, cfg) as (processed, report["data"]):
             if "pipeline" in sections:
                 log(f"pipeline: variant {base.name}")
-                report["pipeline"] = spawn({"job": "pipeline", "cfg": base.cfg.to_dict(), **todo["pipeline"],
+                # at the precision training picks here: the faster the step, the more the feed shows
+                fed = config.replace(base.cfg, {"train.precision": "auto"})
+                report["pipeline"] = spawn({"job": "pipeline", "cfg": fed.to_dict(), **todo["pipeline"],
                                             "shard_dir": str(processed / "train")}, base.env)
             if "quality" in sections:
                 report.update(run_quality(args, base, processed))

@@ -93,10 +93,13 @@ def _pipeline(report: dict[str, Any]) -> list[str]:
     p = report["pipeline"]
     if not ok(p):
         return ["", _error("pipeline", p)]
-    return ["", f"Input pipeline ({report['data']}): {p['crops_per_s']['median']:.0f} crops/s alone",
+    how = "crops in memory (train.cache_mb)" if p["cached"] else "streamed (train.cache_mb: 0)"
+    return ["", f"Input pipeline ({report['data']}), as training runs it: {how}, G step in {p['precision']}",
+            f"  {p['crops_per_s']['median']:.0f} crops/s alone (streamed: {p['streamed_crops_per_s']['median']:.0f})",
             f"  feed ratio (G step fed by the pipeline / from memory): {p['feed_ratio']:.3f} "
-            f"({p['pipeline_s']['median']:.3f} vs {p['memory_s']['median']:.3f} s/step, {p['rounds']} ABBA "
-            f"rounds of {p['steps_per_round']}; others {p['cpu_fed']['others_cores']:.2f})"]
+            f"({p['pipeline_s']['median']:.4f} vs {p['memory_s']['median']:.4f} s/step; streamed "
+            f"{p['feed_ratio_streamed']:.3f}, {p['streamed_s']['median']:.4f} s/step; {p['rounds']} rounds of "
+            f"{p['steps_per_round']}; others {p['cpu_fed']['others_cores']:.2f})"]
 
 
 def _upscale(report: dict[str, Any]) -> list[str]:
