@@ -185,8 +185,25 @@ def test_symmetric_patches_are_numpy_flips_and_rotations():
 
 def test_crops_too_large_for_the_budget_are_streamed(processed):
     files = sorted((processed / "train").glob("*.tfrecord"))
-    assert pipeline.load_crops(files, SCALE, PATCH // SCALE, budget=sum(f.stat().st_size for f in files) - 1) is None
-    hr, lr = pipeline.load_crops(files, SCALE, PATCH // SCALE, budget=2**30)
+    size = sum(f.stat().st_size for f in files)
+    assert pipeline.fits_in_memory(files, size) and not pipeline.fits_in_memory(files, size - 1)
+    assert not pipeline.fits_in_memory(files, 0)
+    hr, lr = pipeline.load_crops(files, *pipeline.crop_shapes(files[0]))
     assert hr.shape == (12, CROP, CROP, 3) and lr.shape == (12, CROP // SCALE, CROP // SCALE, 3)
-    with pytest.raises(ValueError, match="smaller than hr_patch 96"):
-        pipeline.load_crops(files, SCALE, 96 // SCALE, budget=2**30)
+    with pytest.raises(ValueError, match="crops of one size"):
+        pipeline.load_crops(files, (CROP, CROP + 4, 3), (CROP // SCALE, CROP // SCALE + 1, 3))
+
+
+@pytest.mark.parametrize("counts, cycle", [([5, 0, 3, 7, 1, 4], 3), ([2, 9, 4], 8), ([6], 8), ([1, 1, 0, 2], 1)])
+def test_interleave_order_is_tf_data_interleave(counts, cycle):
+    """The in-memory stream's epoch order is computed at once; it must be the order in which
+    tf.data's interleave reads the shard files (inputs of every length, empty ones too)."""
+    import tensorflow as tf
+
+    first = np.cumsum([0, *counts[:-1]])
+    order = np.random.default_rng(len(counts)).permutation(len(counts))
+    ranges = [(int(first[f]), int(first[f] + counts[f])) for f in order]
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(ranges, tf.int64)).interleave(
+        lambda r: tf.data.Dataset.range(r[0], r[1]), cycle_length=cycle, block_length=1,
+        num_parallel_calls=cycle, deterministic=True)
+    assert pipeline.interleave_order(ranges, cycle).tolist() == [int(x) for x in ds]

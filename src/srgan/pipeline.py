@@ -2,32 +2,36 @@
 
 Stream order (per epoch ``e``): shard files in a seeded order, read interleaved (8 at a time,
 one record each), then permuted within windows of ``window`` records (the whole epoch when it is
-smaller, as for the sample set). Every record gets a global index ``e * 2**32 + i``.
+smaller, as for the sample set). Records are then cut into batches; global batch ``g`` is the one
+a training step ``g`` (counted from the start of the phase) trains on.
 
 Augmentation (krasserm/super-resolution style), from each stored crop:
 random LR offset (oy, ox) -> LR patch ``lr[oy:oy+p/s, ox:ox+p/s]`` and HR patch
 ``hr[oy*s:oy*s+p, ox*s:ox*s+p]`` (HR offset on the scale grid, so the pair stays aligned), then a
 random horizontal flip and a random ``rot90`` (k = 0..3) applied identically to both: the 8
-symmetries of the square.
+symmetries of the square. The draws of global batch ``g`` are one ``(batch_size, 4)`` uniform
+tensor from the seed and ``g``, one row per record, and the whole batch is cut, flipped and
+rotated by one gather per resolution (``symmetric_patches``): a few ops per batch, not per crop,
+so the CPU that trains loses next to nothing to the feed.
 
 Determinism: all randomness is stateless (``tf.random.stateless_*``) and derived from ``seed``,
-the epoch and the record's global index, so the output does not depend on the TF global seed,
-on parallelism or on how far earlier iterators went. Resume: ``start_step=n`` yields exactly the
+the epoch and the batch number, so the output does not depend on the TF global seed, on
+parallelism or on how far earlier iterators went. Resume: ``start_step=n`` yields exactly the
 batches an uninterrupted iterator yields after ``n`` batches; whole epochs are skipped without
 reading them, within the epoch only serialized records are read (no decoding/augmenting).
 
 Sharding (multi-worker training): with ``num_shards=k`` the stream is the same and every global
 batch of ``batch_size`` records is cut into ``k`` consecutive blocks; shard ``i`` keeps block ``i``
-(by the record's position in the stream, before decoding), so the shards never share a crop, their
-batches concatenate to the one-process batch, and resume by step stays exact. tf.distribute's own
-auto-sharding is switched off: the sharding is done here.
+(by the record's position in the stream, before decoding) and row block ``i`` of the batch's draws,
+so the shards never share a crop, their batches concatenate to the one-process batch, and resume
+by step stays exact. tf.distribute's own auto-sharding is switched off: the sharding is done here.
 
 Memory (``cache_bytes``): when the shards fit, every crop is decoded once into two uint8 arrays
-and the stream above runs over their row numbers instead of the serialized records (a range per
-file, interleaved and permuted alike). Each batch is then one gather per resolution: the patch
-offsets, flips and rotations (drawn from the same per-record seeds) are folded into the gather
-indices (``symmetric_patches``). The batches are the same as when streaming, value for value; what
-goes is reading, parsing and cutting each record on the CPU that trains.
+and the stream runs over their row numbers instead of the serialized records: the epoch's whole
+order is computed at once (the same interleave, ``interleave_order``, and the same window
+permutations), and a batch gathers straight from the arrays. The batches are the same as when
+streaming, value for value; what goes is reading and parsing every record on the CPU that trains.
+Every crop of a training set has one size (preprocess makes them so).
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from . import dataio
 
 log = logging.getLogger(__name__)
 
-CYCLE_LENGTH = 8  # shard files read concurrently (mixes crops of different source images)
+CYCLE_LENGTH = 8
+GROUP = 32  # batches augmented per map call: tf.data's cost per call is paid once for all of them  # shard files read concurrently (mixes crops of different source images)
 _EPOCH_STRIDE = 2**32  # global record index = epoch * stride + position in epoch
 # independent random streams derived from the one seed
 _STREAM_FILES, _STREAM_WINDOW, _STREAM_AUG = 1, 2, 3
@@ -113,85 +118,135 @@ def train_dataset(
     n_records = sum(counts)
     if n_records == 0:
         raise FileNotFoundError(f"the shards in {shard_dir} hold no records")
-    lr_patch = hr_patch // scale
-    n_files = len(files)
+    lr_patch, part = hr_patch // scale, batch_size // num_shards
     window = max(1, min(window, n_records))
-    crops = load_crops(files, scale, lr_patch, cache_bytes) if cache_bytes > 0 else None
-    if crops is not None:
-        log.info("training crops decoded into memory: %d (%.0f MB)", n_records, sum(a.nbytes for a in crops) / 2**20)
-    elif cache_bytes > 0:
-        log.info("training crops streamed from %s: more than the %.0f MB of train.cache_mb, or of mixed sizes",
-                 shard_dir, cache_bytes / 2**20)
-    if crops is None:  # each file's serialized records
-        names = tf.constant([str(f) for f in files])
-
-        def file_records(f: tf.Tensor) -> tf.data.Dataset:
-            return tf.data.TFRecordDataset(names[f])
-        parallel: int | None = min(CYCLE_LENGTH, n_files)
-    else:  # each file's rows of the in-memory arrays: the same interleave, over row numbers
-        first = tf.constant(np.cumsum([0, *counts[:-1]]), tf.int64)
-        sizes = tf.constant(counts, tf.int64)
-
-        def file_records(f: tf.Tensor) -> tf.data.Dataset:
-            return tf.data.Dataset.range(first[f], first[f] + sizes[f])
-        parallel = None  # a range costs nothing to read
-
-    def epoch_records(e: tf.Tensor) -> tf.data.Dataset:
-        order = tf.argsort(tf.random.stateless_uniform([n_files], _seed(seed, _STREAM_FILES, e)))
-        ds = tf.data.Dataset.from_tensor_slices(order)
-        ds = ds.interleave(file_records, cycle_length=min(CYCLE_LENGTH, n_files), block_length=1,
-                           **({"num_parallel_calls": parallel, "deterministic": True} if parallel else {}))
-
-        def permute(w: tf.Tensor, recs: tf.Tensor) -> tf.Tensor:
-            keys = tf.random.stateless_uniform(tf.shape(recs), _seed(seed, _STREAM_WINDOW, e, w))
-            return tf.gather(recs, tf.argsort(keys))
-
-        ds = ds.batch(window).enumerate().map(permute).unbatch()
-        return ds.enumerate().map(lambda i, r: (e * _EPOCH_STRIDE + i, r))
-
     start_epoch, within = divmod(start_step * batch_size, n_records)
     epochs = tf.data.Dataset.counter(start_epoch) if repeat else tf.data.Dataset.range(start_epoch, 1)
-    ds = epochs.flat_map(epoch_records).skip(within)  # skip before decoding: cheap
-    part = batch_size // num_shards
+    hr_shape, lr_shape = crop_shapes(files[int(np.flatnonzero(counts)[0])])
+    if hr_shape[:2] != (lr_shape[0] * scale, lr_shape[1] * scale):
+        raise ValueError(f"{shard_dir}: stored HR/LR crops are not at scale {scale} (HR {hr_shape}, LR {lr_shape})")
+    if min(lr_shape[:2]) < lr_patch:
+        raise ValueError(f"{shard_dir}: stored crops are smaller than hr_patch {hr_patch} (HR {hr_shape})")
+    crops = load_crops(files, hr_shape, lr_shape) if fits_in_memory(files, cache_bytes) else None
+    if crops is not None:
+        log.info("training crops decoded into memory: %d (%.0f MB)", n_records, sum(a.nbytes for a in crops) / 2**20)
+        ds = epochs.map(_epoch_rows(counts, seed, window)).unbatch()
+        hr_all, lr_all = (tf.constant(a) for a in crops)  # captured by the map: fed to it, not copied
+
+        def pixels(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            return lr_all, hr_all, rows
+    else:
+        if cache_bytes > 0:
+            log.info("training crops streamed from %s: their shards take more than train.cache_mb (%.0f MB)",
+                     shard_dir, cache_bytes / 2**20)
+        ds = epochs.flat_map(_epoch_records(files, seed, window))
+
+        def pixels(records: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            f = tf.io.parse_example(records, _SPEC)
+            n = tf.shape(records)[0]
+            # one decode per batch; a crop of another size fails here, naming the expected one
+            hr = tf.reshape(tf.io.decode_raw(f["hr"], tf.uint8), [n, *hr_shape])
+            lr = tf.reshape(tf.io.decode_raw(f["lr"], tf.uint8), [n, *lr_shape])
+            return lr, hr, tf.range(n, dtype=tf.int64)
+    ds = ds.skip(within)  # before decoding: cheap
     if num_shards > 1:
-        def in_shard(position: tf.Tensor, item: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        def in_shard(position: tf.Tensor, item: tf.Tensor) -> tf.Tensor:
             # position 0 is the first record of global batch start_step, so the blocks stay aligned
             return (position % batch_size) // part == shard_index
 
-        def drop_position(position: tf.Tensor, item: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        def drop_position(position: tf.Tensor, item: tf.Tensor) -> tf.Tensor:
             return item
 
         ds = ds.enumerate().filter(in_shard).map(drop_position)
+    lh, lw = lr_shape[:2]
 
-    def draw(index: tf.Tensor, lr_hw: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        """The record's augmentation: LR offset (oy, ox), horizontal flip, rot90 count k."""
-        s = tf.random.experimental.stateless_split(_seed(seed, _STREAM_AUG, index), 4)
-        oy = tf.random.stateless_uniform([], s[0], 0, lr_hw[0] - lr_patch + 1, tf.int32)
-        ox = tf.random.stateless_uniform([], s[1], 0, lr_hw[1] - lr_patch + 1, tf.int32)
-        return oy, ox, tf.random.stateless_uniform([], s[2]) < 0.5, tf.random.stateless_uniform([], s[3], 0, 4, tf.int32)
+    def augment(step: tf.Tensor, items: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        lr_src, hr_src, rows = pixels(items)
+        # the global batch's draws, one row per record; this shard takes its block
+        u = tf.random.stateless_uniform([batch_size, 4], _seed(seed, _STREAM_AUG, step))
+        u = u[shard_index * part : (shard_index + 1) * part]
+        oy = tf.minimum(tf.cast(u[:, 0] * (lh - lr_patch + 1), tf.int32), lh - lr_patch)
+        ox = tf.minimum(tf.cast(u[:, 1] * (lw - lr_patch + 1), tf.int32), lw - lr_patch)
+        flip, k = u[:, 2] < 0.5, tf.minimum(tf.cast(u[:, 3] * 4, tf.int32), 3)
+        lr = symmetric_patches(lr_src, rows, oy, ox, flip, k, lr_patch)
+        hr = symmetric_patches(hr_src, rows, oy * scale, ox * scale, flip, k, hr_patch)
+        return tf.cast(lr, tf.float32) / 255.0, tf.cast(hr, tf.float32) / 255.0
 
-    if crops is None:
-        ds = ds.map(_decode_augment(hr_patch, scale, draw), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(part, drop_remainder=True)
-    else:
-        hr_all, lr_all = (tf.constant(a) for a in crops)  # captured by the map: fed, not copied per batch
-        lr_hw = tf.constant(crops[1].shape[1:3], tf.int32)
-
-        def row_draw(index: tf.Tensor, row: tf.Tensor) -> tuple[tf.Tensor, ...]:
-            return (row, *draw(index, lr_hw))
-
-        def gather(rows: tf.Tensor, oy: tf.Tensor, ox: tf.Tensor, flip: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            lr = symmetric_patches(lr_all, rows, oy, ox, flip, k, lr_patch)
-            hr = symmetric_patches(hr_all, rows, oy * scale, ox * scale, flip, k, hr_patch)
-            return tf.cast(lr, tf.float32) / 255.0, tf.cast(hr, tf.float32) / 255.0
-
-        ds = ds.map(row_draw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.batch(part, drop_remainder=True).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(part, drop_remainder=True).enumerate(start=start_step)
+    ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     # sharded here (by record position); tf.distribute must not shard again (by file or by element)
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)
+
+
+def _epoch_records(files: list[Path], seed: int, window: int) -> Any:
+    """Epoch ``e`` -> its serialized records: files in a seeded order, read interleaved, permuted
+    within windows."""
+    names, n_files = tf.constant([str(f) for f in files]), len(files)
+    cycle = min(CYCLE_LENGTH, n_files)
+
+    def epoch_records(e: tf.Tensor) -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices(tf.gather(names, _file_order(seed, e, n_files)))
+        ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=cycle, block_length=1, num_parallel_calls=cycle,
+                           deterministic=True)
+
+        def permute(w: tf.Tensor, recs: tf.Tensor) -> tf.Tensor:
+            return tf.gather(recs, _window_order(seed, e, w, tf.shape(recs)))
+
+        return ds.batch(window).enumerate().map(permute).unbatch()
+
+    return epoch_records
+
+
+def _epoch_rows(counts: list[int], seed: int, window: int) -> Any:
+    """Epoch ``e`` -> the row numbers (into the files' crops, in file order) of the records that
+    ``_epoch_records`` reads in that epoch, as one tensor: the interleave in ``interleave_order``,
+    the window permutations unrolled (the epoch's windows are known in advance)."""
+    n_files, n = len(counts), sum(counts)
+    first = np.cumsum([0, *counts[:-1]])
+
+    def rows_of(order: np.ndarray) -> np.ndarray:
+        return interleave_order([(first[f], first[f] + counts[f]) for f in order], min(CYCLE_LENGTH, n_files))
+
+    def epoch_rows(e: tf.Tensor) -> tf.Tensor:
+        rows = tf.ensure_shape(tf.numpy_function(rows_of, [_file_order(seed, e, n_files)], tf.int64), [n])
+        return tf.concat([tf.gather(rows[w:w + window], _window_order(seed, e, w // window, [min(window, n - w)]))
+                          for w in range(0, n, window)], 0)
+
+    return epoch_rows
+
+
+def _file_order(seed: int, epoch: tf.Tensor, n_files: int) -> tf.Tensor:
+    return tf.argsort(tf.random.stateless_uniform([n_files], _seed(seed, _STREAM_FILES, epoch)))
+
+
+def _window_order(seed: int, epoch: tf.Tensor, w: Any, shape: Any) -> tf.Tensor:
+    return tf.argsort(tf.random.stateless_uniform(shape, _seed(seed, _STREAM_WINDOW, epoch, w)))
+
+
+def interleave_order(ranges: list[tuple[int, int]], cycle: int) -> np.ndarray:
+    """The order in which ``Dataset.interleave(cycle_length=cycle, block_length=1)`` yields the
+    elements of inputs that are ``range(a, b)`` each: ``cycle`` inputs open at once, one element
+    from each in turn; an input found exhausted frees its slot, which the next input takes when the
+    turn comes round again (TensorFlow's InterleaveDataset, sequential; the parallel one with
+    ``deterministic=True`` yields the same)."""
+    slots: list[list[int] | None] = [None] * cycle
+    out, nxt, idx, n_open = [], 0, 0, 0
+    while nxt < len(ranges) or n_open:
+        slot = slots[idx]
+        if slot is not None:
+            if slot[0] < slot[1]:
+                out.append(slot[0])
+                slot[0] += 1
+            else:
+                slots[idx], n_open = None, n_open - 1
+            idx = (idx + 1) % cycle
+        elif nxt < len(ranges):
+            slots[idx], nxt, n_open = list(ranges[nxt]), nxt + 1, n_open + 1
+        else:
+            idx = (idx + 1) % cycle
+    return np.asarray(out, np.int64)
 
 
 _SPEC = {
@@ -208,49 +263,36 @@ def _decode(record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             tf.reshape(tf.io.decode_raw(f["lr"], tf.uint8), f["lr_shape"]))
 
 
-def _decode_augment(hr_patch: int, scale: int, draw: Any) -> Any:
-    """Per record: decode, check, cut the aligned patches, flip and rotate them (streamed path)."""
-    lr_patch = hr_patch // scale
+def crop_shapes(file: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(HR shape, LR shape) of the first crop in a shard file."""
+    for record in tf.data.TFRecordDataset(str(file)).take(1):
+        f = tf.io.parse_single_example(record, _SPEC)
+        return tuple(int(v) for v in f["hr_shape"]), tuple(int(v) for v in f["lr_shape"])
+    raise FileNotFoundError(f"{file} holds no records")
 
-    def decode_augment(index: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        hr, lr = _decode(record)
-        checks = [
-            tf.debugging.assert_equal(tf.shape(hr)[:2], tf.shape(lr)[:2] * scale,
-                                      message=f"stored HR/LR crops are not at scale {scale}"),
-            tf.debugging.assert_greater_equal(tf.shape(lr)[:2], lr_patch,
-                                              message=f"stored crops are smaller than hr_patch {hr_patch}"),
-        ]
-        with tf.control_dependencies(checks):
-            oy, ox, flip, k = draw(index, tf.shape(lr)[:2])
-        lr = lr[oy : oy + lr_patch, ox : ox + lr_patch]
-        hr = hr[oy * scale : oy * scale + hr_patch, ox * scale : ox * scale + hr_patch]
-        lr = tf.image.rot90(tf.cond(flip, lambda: tf.reverse(lr, [1]), lambda: lr), k)
-        hr = tf.image.rot90(tf.cond(flip, lambda: tf.reverse(hr, [1]), lambda: hr), k)
-        lr = tf.ensure_shape(tf.cast(lr, tf.float32) / 255.0, [lr_patch, lr_patch, 3])
-        hr = tf.ensure_shape(tf.cast(hr, tf.float32) / 255.0, [hr_patch, hr_patch, 3])
-        return lr, hr
 
-    return decode_augment
+def symmetry_offsets(p: int, width: int) -> np.ndarray:
+    """(8, p, p) int32: for symmetry ``2 * k + flip`` the offset ``a * width + b`` of the source
+    pixel (a, b) of output pixel (i, j) of ``rot90(flip?(A), k)``, A a p x p window of rows
+    ``width`` wide. rot90 (NumPy's and tf.image's, counter-clockwise) reads A[i, j], A[j, q-i],
+    A[q-i, q-j] or A[q-j, i] for k = 0..3 (q = p - 1); the horizontal flip mirrors the column."""
+    q, i, j = p - 1, *np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
+    out = []
+    for a, b in ((i, j), (j, q - i), (q - i, q - j), (q - j, i)):
+        out += [a * width + b, a * width + q - b]
+    return np.stack(out).astype(np.int32)
 
 
 def symmetric_patches(crops: tf.Tensor, rows: tf.Tensor, oy: tf.Tensor, ox: tf.Tensor, flip: tf.Tensor,
                       k: tf.Tensor, p: int) -> tf.Tensor:
-    """``rot90(flip?(crops[row, oy:oy+p, ox:ox+p]), k)`` for a batch, as one gather.
-
-    Output pixel (i, j) of ``rot90(A, k)`` is A[i, j], A[j, q-i], A[q-i, q-j] or A[q-j, i] for
-    k = 0..3 (q = p - 1, NumPy's and tf.image's counter-clockwise rot90), and the flip mirrors the
-    column; so every output pixel's source is known before any pixel is read.
-    """
-    q, k = p - 1, k[:, None, None]
-    i, j = tf.range(p)[:, None], tf.range(p)[None, :]
-    a = tf.where(k == 0, i, tf.where(k == 1, j, tf.where(k == 2, q - i, q - j)))
-    b = tf.where(k == 0, j, tf.where(k == 1, q - i, tf.where(k == 2, q - j, i)))
-    b = tf.where(flip[:, None, None], q - b, b)
-    h, w = tf.shape(crops, tf.int64)[1], tf.shape(crops, tf.int64)[2]
-    y = tf.cast(oy[:, None, None] + a, tf.int64)
-    x = tf.cast(ox[:, None, None] + b, tf.int64)
-    flat = (rows[:, None, None] * h + y) * w + x
-    return tf.gather(tf.reshape(crops, [-1, crops.shape[-1]]), flat)
+    """``rot90(flip?(crops[row, oy:oy+p, ox:ox+p]), k)`` for a batch, as one gather: every output
+    pixel's source is known before any pixel is read (``symmetry_offsets``)."""
+    n, h, w, c = crops.shape
+    dtype = tf.int32 if n is not None and n * h * w < 2**31 else tf.int64  # int32 indices gather faster
+    table = tf.constant(symmetry_offsets(p, w), dtype)
+    corner = (tf.cast(rows, dtype) * h + tf.cast(oy, dtype)) * w + tf.cast(ox, dtype)
+    index = tf.gather(table, 2 * k + tf.cast(flip, tf.int32)) + corner[:, None, None]
+    return tf.gather(tf.reshape(crops, [-1, c]), index)
 
 
 def fits_in_memory(files: list[Path], budget: int) -> bool:
@@ -258,21 +300,15 @@ def fits_in_memory(files: list[Path], budget: int) -> bool:
     return budget > 0 and sum(f.stat().st_size for f in files) <= budget
 
 
-def load_crops(files: list[Path], scale: int, lr_patch: int, budget: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Every crop of ``files`` decoded into two uint8 arrays, HR (N, H, W, 3) and LR, rows in file
-    order; None when the files take more than ``budget`` bytes or the crops differ in size (the
-    stream then decodes them per batch). Raises ValueError for crops that cannot be trained on."""
-    if not fits_in_memory(files, budget):
-        return None
+def load_crops(files: list[Path], hr_shape: tuple[int, ...], lr_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Every crop of ``files`` decoded into two uint8 arrays, HR (N, *hr_shape) and LR (N, *lr_shape),
+    rows in file order. Raises ValueError naming the file if a crop has another shape."""
     hrs, lrs = [], []
-    for hr, lr in tf.data.TFRecordDataset([str(f) for f in files]).map(_decode, num_parallel_calls=tf.data.AUTOTUNE):
-        if hrs and (hr.shape != hrs[0].shape or lr.shape != lrs[0].shape):
-            return None
-        hrs.append(hr.numpy())
-        lrs.append(lr.numpy())
-    hr_a, lr_a = np.stack(hrs), np.stack(lrs)
-    if hr_a.shape[1:3] != (lr_a.shape[1] * scale, lr_a.shape[2] * scale):
-        raise ValueError(f"stored HR/LR crops are not at scale {scale}: {hr_a.shape[1:]} and {lr_a.shape[1:]}")
-    if min(lr_a.shape[1:3]) < lr_patch:
-        raise ValueError(f"stored crops are smaller than hr_patch {lr_patch * scale}: LR {lr_a.shape[1:3]}")
-    return hr_a, lr_a
+    for f in files:
+        for hr, lr in tf.data.TFRecordDataset(str(f)).map(_decode, num_parallel_calls=tf.data.AUTOTUNE):
+            if hr.shape != hr_shape or lr.shape != lr_shape:
+                raise ValueError(f"{f}: a crop of shape {tuple(hr.shape)} among crops of {hr_shape}; "
+                                 "the shards must hold crops of one size (re-run preprocess)")
+            hrs.append(hr.numpy())
+            lrs.append(lr.numpy())
+    return np.stack(hrs), np.stack(lrs)

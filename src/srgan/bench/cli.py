@@ -44,8 +44,8 @@ TARGET = {"model.generator.blocks": 16, "model.generator.filters": 64, "model.ge
           "train.hr_patch": 96}
 SETTINGS = {  # by --quick
     False: {"timing": {"warmup": 2, "repeats": 5, "budget_s": 20.0, "min_repeats": 2},
-            "pipeline": {"warmup_batches": 3, "chunk": 10, "chunks": 5, "warmup": 2, "round_s": 2.5,
-                         "rounds": 4},
+            "pipeline": {"warmup_batches": 3, "chunk": 10, "chunks": 5, "warmup": 2, "round_s": 3.0,
+                         "rounds": 6},
             # median of 6 after 2 warm-up calls; emulated bf16 (~10-30x slower here) within a budget
             "torch": {"warmup": 2, "repeats": 6, "budget_s": 60.0, "min_repeats": 1}},
     True: {"timing": {"warmup": 1, "repeats": 1, "budget_s": 5.0, "min_repeats": 1},

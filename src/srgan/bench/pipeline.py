@@ -17,7 +17,8 @@ from typing import Any
 from .. import config
 from .timing import CpuMeter, rate, stats
 
-MAX_STEPS_PER_ROUND = 25
+PROBE_STEPS = 5  # steps timed after warm-up to size the rounds
+MAX_STEPS_PER_ROUND = 250  # a round long enough (~round_s) that VM and clock noise average out
 FEEDS = ("memory", "pipeline", "streamed")  # pipeline: as training runs it (train.cache_mb)
 
 
@@ -57,13 +58,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     def batch(source: str) -> Any:
         return mem if source == "memory" else next(its[source])
 
-    t0 = time.perf_counter()
     for _ in range(spec["warmup"]):  # the first call traces; every feed warms up alike
         for source in FEEDS:
             float(step(batch(source))["g_mse"])
+    t0 = time.perf_counter()
+    for _ in range(PROBE_STEPS):
+        float(step(mem)["g_mse"])
     # k steps per round: ~round_s seconds, so a fast step is not timed over milliseconds of noise
-    k = int(min(max(round(spec["round_s"] * len(FEEDS) * spec["warmup"] / (time.perf_counter() - t0)), 1),
-                MAX_STEPS_PER_ROUND))
+    k = int(min(max(round(spec["round_s"] * PROBE_STEPS / (time.perf_counter() - t0)), 1), MAX_STEPS_PER_ROUND))
     times: dict[str, list[float]] = {f: [] for f in FEEDS}
 
     def feed(source: str) -> None:
