@@ -8,7 +8,7 @@ MLFLOW_PORT ?= 5000
 # dvc.yaml's commands say `python`: make it the venv's
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup lock repro test test-fast bench study compare tune ui mlflow-server sysdeps clean-venv
+.PHONY: setup lock repro test test-fast bench bench-torch study compare tune ui mlflow-server sysdeps clean-venv
 
 setup: $(STAMP)
 
@@ -46,7 +46,18 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
-	$(BIN)/python src/bench.py
+	$(BIN)/python src/bench.py $(if $(wildcard $(TORCH_VENV)/bin/python),--torch-python $(TORCH_VENV)/bin/python)
+
+# The PyTorch peer's interpreter (a venv of its own: torch is not a project requirement), then the
+# paper-size networks in both frameworks side by side (the README's PyTorch table).
+TORCH_VENV := .venv-torch
+TORCH_VERSION ?= 2.13.0
+$(TORCH_VENV)/bin/python:
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install --quiet torch==$(TORCH_VERSION) numpy
+bench-torch: setup $(TORCH_VENV)/bin/python
+	$(BIN)/python src/bench.py --target-config --only steps,torch --variants onednn,onednn+bf16 \
+	  --torch-python $(TORCH_VENV)/bin/python --out reports/bench-torch.json
 
 # The loss study: every adversarial objective x 2 seeds from the one SRResNet -> reports/compare/
 study: setup
