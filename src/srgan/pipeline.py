@@ -144,7 +144,7 @@ def train_dataset(
         def pixels(records: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             f = tf.io.parse_example(records, _SPEC)
             n = tf.shape(records)[0]
-            # one decode per batch; a crop of another size fails here, naming the expected one
+            # one decode per batch; preprocess writes crops of one size, another size fails this reshape
             hr = tf.reshape(tf.io.decode_raw(f["hr"], tf.uint8), [n, *hr_shape])
             lr = tf.reshape(tf.io.decode_raw(f["lr"], tf.uint8), [n, *lr_shape])
             return lr, hr, tf.range(n, dtype=tf.int64)
