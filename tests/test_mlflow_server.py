@@ -15,9 +15,9 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from _servers import VENV_BIN, free_port, mlflow_server, mlflow_server_cmd
 from conftest import tiny_config
+
 from srgan.config import ROOT
 
 

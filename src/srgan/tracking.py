@@ -305,7 +305,6 @@ class Run:
         """Record a dataset the run read (the runs table's Dataset column): a folder on disk by name,
         content digest and ``context`` (``training`` / ``validation``)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
-
         from mlflow.exceptions import MlflowException
 
         ds = Dataset(name=name, digest=digest[:36], source_type="local",
