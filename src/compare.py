@@ -18,7 +18,7 @@ from srgan.config import ROOT, Config
 
 
 def main(cfg: Config, args) -> None:
-    from srgan import dataio, report, study, tracking
+    from srgan import dataio, metrics, report, study, tracking
 
     if args.run:
         study_id = args.study or study.new_study_id()
@@ -53,10 +53,10 @@ def main(cfg: Config, args) -> None:
         rows = study.collect(cfg, exps)
         page = study.write_report(cfg, rows, args.out, args.processed / "valid", args.srresnet, study_id)
     if args.promote:
-        # every evaluated SRGAN is a version of the registered model; NIQE is lower-better
+        # every evaluated SRGAN is a version of the registered model
         try:
             version = tracking.promote(cfg.tracking.experiment, args.promote, tracking.DEFAULT_MODEL_NAME,
-                                       higher_is_better="niqe" not in args.promote)
+                                       higher_is_better=metrics.higher_is_better(args.promote))
         except LookupError as exc:  # no such experiment, model or metric
             raise cli.UserError(f"--promote {args.promote}: {exc}") from None
         print(f"{tracking.DEFAULT_MODEL_NAME}@champion -> version {version} (best {args.promote})")

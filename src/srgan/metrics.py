@@ -26,6 +26,7 @@ SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 DATA_RANGE = 255.0
+LOWER_IS_BETTER = frozenset({"niqe"})  # metrics where a smaller value is better (the rest: larger)
 
 # ITU-R BT.601 "studio swing" luma for RGB in [0, 1] (the MATLAB rgb2ycbcr row).
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64)
@@ -168,3 +169,8 @@ def evaluate_pair(sr: np.ndarray, hr: np.ndarray, scale: int) -> dict[str, float
         "ssim_y": ssim_y(sr, hr, scale),
         "psnr_rgb": psnr_rgb(sr, hr, scale),
     }
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a metric by its name or a logged key ending in it (``eval/valid/niqe``)."""
+    return metric.rsplit("/", 1)[-1] not in LOWER_IS_BETTER

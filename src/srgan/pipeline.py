@@ -47,9 +47,8 @@ from . import dataio
 
 log = logging.getLogger(__name__)
 
-CYCLE_LENGTH = 8
-GROUP = 32  # batches augmented per map call: tf.data's cost per call is paid once for all of them  # shard files read concurrently (mixes crops of different source images)
-_EPOCH_STRIDE = 2**32  # global record index = epoch * stride + position in epoch
+CYCLE_LENGTH = 8  # shard files read concurrently (mixes crops of different source images)
+MB = 2**20  # train.cache_mb is in MiB
 # independent random streams derived from the one seed
 _STREAM_FILES, _STREAM_WINDOW, _STREAM_AUG = 1, 2, 3
 
@@ -129,7 +128,7 @@ def train_dataset(
         raise ValueError(f"{shard_dir}: stored crops are smaller than hr_patch {hr_patch} (HR {hr_shape})")
     crops = load_crops(files, hr_shape, lr_shape) if fits_in_memory(files, cache_bytes) else None
     if crops is not None:
-        log.info("training crops decoded into memory: %d (%.0f MB)", n_records, sum(a.nbytes for a in crops) / 2**20)
+        log.info("training crops decoded into memory: %d (%.0f MB)", n_records, sum(a.nbytes for a in crops) / MB)
         ds = epochs.map(_epoch_rows(counts, seed, window)).unbatch()
         hr_all, lr_all = (tf.constant(a) for a in crops)  # captured by the map: fed to it, not copied
 
@@ -138,7 +137,7 @@ def train_dataset(
     else:
         if cache_bytes > 0:
             log.info("training crops streamed from %s: their shards take more than train.cache_mb (%.0f MB)",
-                     shard_dir, cache_bytes / 2**20)
+                     shard_dir, cache_bytes / MB)
         ds = epochs.flat_map(_epoch_records(files, seed, window))
 
         def pixels(records: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:

@@ -45,7 +45,6 @@ PHASE_PARAMS: dict[str, tuple[str, ...]] = {
 }
 # Read by the phase but irrelevant to its weights: never a reason to discard a checkpoint.
 _NOT_IN_DIGEST = ("evaluate", "tracking")
-MB = 2**20  # train.cache_mb is in MiB
 
 
 class NonFiniteLossError(RuntimeError):
@@ -587,7 +586,7 @@ def train(
         ds = pipeline.train_dataset(data.shard_dir, t.batch_size, t.hr_patch, cfg.preprocess.scale,
                                     phase_seed(cfg, phase), start_step=data_offset + start,
                                     num_shards=ctx.num_input_pipelines, shard_index=ctx.input_pipeline_id,
-                                    cache_bytes=t.cache_mb * MB)
+                                    cache_bytes=t.cache_mb * pipeline.MB)
         per_replica = ctx.get_per_replica_batch_size(t.batch_size)
         return ds if per_replica == t.batch_size // ctx.num_input_pipelines else ds.rebatch(per_replica, drop_remainder=True)
 

@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from . import tracking
+from . import metrics, tracking
 from .config import ROOT, Config, edit_params, replace
 from .dataio import write_text_atomic
 from .trainer import Callback, NonFiniteLossError, TrainData
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = ROOT / "optuna" / "journal.log"
 OBJECTIVE_KEYS = {"psnr_y": "val_psnr_y", "ssim_y": "val_ssim_y", "niqe": "val_niqe"}
-LOWER_IS_BETTER = {"niqe"}
 
 
 def make_storage(url: str | None):
@@ -63,7 +62,7 @@ def make_storage(url: str | None):
 
 def directions(cfg: Config) -> list[str]:
     """Optuna's direction per objective: PSNR/SSIM up, NIQE down."""
-    return ["minimize" if o in LOWER_IS_BETTER else "maximize" for o in cfg.tune.objectives]
+    return ["maximize" if metrics.higher_is_better(o) else "minimize" for o in cfg.tune.objectives]
 
 
 def make_sampler(cfg: Config, seed: int | None):
@@ -251,7 +250,7 @@ def best_trial(study, cfg: Config):
     """The best trial (single objective), or the Pareto-front trial best on the first objective."""
     if len(cfg.tune.objectives) == 1:
         return study.best_trial
-    sign = -1.0 if cfg.tune.objectives[0] in LOWER_IS_BETTER else 1.0
+    sign = 1.0 if metrics.higher_is_better(cfg.tune.objectives[0]) else -1.0
     return max(study.best_trials, key=lambda t: sign * t.values[0])
 
 

@@ -24,8 +24,8 @@ FEEDS = ("memory", "pipeline", "streamed")  # pipeline: as training runs it (tra
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Child job: crops/s of the pipeline alone (both ways), then the feed ratios on the G step."""
-    from ..pipeline import fits_in_memory, train_dataset
-    from ..trainer import MB, Trainer, prepare_runtime
+    from ..pipeline import MB, fits_in_memory, train_dataset
+    from ..trainer import Trainer, prepare_runtime
 
     cfg = config.from_dict(spec["cfg"])
     t, shards = cfg.train, Path(spec["shard_dir"])
