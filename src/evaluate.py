@@ -14,9 +14,12 @@ from srgan.config import Config
 
 
 def main(cfg: Config, args) -> None:
-    from srgan import dataio, evaluate, report, tracking
+    from srgan import dataio, evaluate, models, report, tracking
     from srgan.dataio import SUMMARY_NAME
 
+    ev = cfg.evaluate
+    if note := models.tile_overlap_warning(cfg.model.generator, cfg.preprocess.scale, ev.tile, ev.tile_overlap):
+        logging.getLogger("evaluate").warning(note)
     reports = args.reports
     generators = {"srresnet": args.srresnet, "srgan": args.model}
     sets = {s: args.processed / "valid" if s == "valid" else args.benchmarks / s for s in cfg.evaluate.sets}

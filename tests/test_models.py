@@ -19,6 +19,7 @@ from srgan.models import (
     generator_flops,
     load_generator,
     receptive_radius,
+    tile_overlap_warning,
 )
 
 TINY_G = dict(blocks=1, filters=4)
@@ -383,3 +384,11 @@ def test_a_generator_trained_in_mixed_precision_is_saved_to_compute_in_float32(t
         np.testing.assert_array_equal(a, b)
     # the same function, computed in float32 instead of bf16: bf16's 8-bit mantissa is the difference
     np.testing.assert_allclose(np.asarray(loaded(x)), y_bf16, atol=2e-2)
+
+
+def test_tile_overlap_warning_names_key_and_radius():
+    paper = section(GeneratorConfig, blocks=16, upsampler="paper")  # radius 2 * 16 + 8 = 40
+    note = tile_overlap_warning(paper, 4, tile=128, overlap=24)
+    assert note is not None and "evaluate.tile_overlap 24" in note and "radius 40" in note
+    assert tile_overlap_warning(paper, 4, tile=128, overlap=40) is None
+    assert tile_overlap_warning(paper, 4, tile=0, overlap=0) is None  # whole image: nothing to warn about

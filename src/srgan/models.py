@@ -382,6 +382,17 @@ def receptive_radius(cfg: GeneratorConfig, scale: int) -> int:
     return max(net, BICUBIC_RADIUS) if cfg.bicubic_skip else net
 
 
+def tile_overlap_warning(cfg: GeneratorConfig, scale: int, tile: int, overlap: int) -> str | None:
+    """Why tiled inference with this ``tile``/``overlap`` can differ from whole-image inference
+    (seams), or None when it equals it (``tile`` 0, or ``overlap >= receptive_radius``)."""
+    radius = receptive_radius(cfg, scale)
+    if tile == 0 or overlap >= radius:
+        return None
+    return (f"evaluate.tile_overlap {overlap} is below the generator's receptive-field radius {radius} LR px "
+            f"({cfg.arch}, {cfg.blocks} blocks, x{scale}): tiled outputs may show seams and differ slightly from "
+            f"whole-image inference; set evaluate.tile_overlap >= {radius} (or evaluate.tile: 0) for exact output")
+
+
 def build_discriminator(cfg: DiscriminatorConfig, hr_patch: int) -> keras.Model:
     """Paper discriminator: 8 conv3x3 (f..8f, strides 1,2,...), LeakyReLU(0.2), dense, 1 logit.
 
