@@ -4,6 +4,7 @@ from the one pretrained generator, compared in reports/compare/index.html.
     python src/compare.py --run [--jobs N]     # make study: queue, run, collect, report
     python src/compare.py [--study STUDY_ID]   # rebuild the report of a study from MLflow
     python src/compare.py --promote eval/valid/niqe   # `champion` = the registered generator best by it
+                                                      # (with or without a study)
 
 What is compared comes from params.yaml ``study.*``; each cell's run is found in MLflow by the
 digest of its training params, nested under the study's parent run, and shown side by side.
@@ -47,11 +48,11 @@ def main(cfg: Config, args) -> None:
             print(f"warning: {missing} of {len(exps)} experiments have no finished run (see `dvc queue status`)")
     else:
         study_id = args.study or dataio.read_json(args.out / "study.json", {}).get("study")
-        if not study_id:
+        if not study_id and not args.promote:
             raise cli.UserError(f"no study yet in {args.out}: run `python src/compare.py --run` (make study)")
-        exps = study.plan(cfg, study_id)
-        rows = study.collect(cfg, exps)
-        page = study.write_report(cfg, rows, args.out, args.processed / "valid", args.srresnet, study_id)
+        if study_id:  # --promote alone (no study yet) only sets the alias
+            rows = study.collect(cfg, study.plan(cfg, study_id))
+            page = study.write_report(cfg, rows, args.out, args.processed / "valid", args.srresnet, study_id)
     if args.promote:
         # every evaluated SRGAN is a version of the registered model
         try:
@@ -62,7 +63,8 @@ def main(cfg: Config, args) -> None:
         print(f"{tracking.DEFAULT_MODEL_NAME}@champion -> version {version} (best {args.promote})")
     if (args.out.parent / "index.html").exists():
         report.build(args.out.parent, cfg.flat())
-    print(f"study {study_id}: {len(rows)} runs -> {page}")
+    if study_id:
+        print(f"study {study_id}: {len(rows)} runs -> {page}")
 
 
 if __name__ == "__main__":

@@ -40,14 +40,14 @@ def tiny_generator(path: Path, seed: int = 0) -> Path:
 
 
 def log_tiny_generator(folder: Path, experiment: str, value: float, seed: int = 0,
-                       status: str = "FINISHED") -> tuple[str, Path]:
+                       status: str = "FINISHED", metric: str = METRIC) -> tuple[str, Path]:
     """A training-like run: ``model/g.keras``, the MLflow Model, then an eval metric (as the evaluate
     stage logs it, after the model); returns (run id, .keras path)."""
     keras_path = tiny_generator(folder / f"g{seed}" / "g.keras", seed)
     run = tracking.start_run(experiment, run_name=f"run{seed}")
     run.log_artifact(keras_path, "model")
     tracking.log_generator_model(run.run_id, keras_path, TILE, OVERLAP, SCALE)
-    run.log_metrics({METRIC: value})
+    run.log_metrics({metric: value})
     run.end(status)
     return run.run_id, keras_path
 
@@ -166,3 +166,36 @@ def test_copied_project_logs_into_the_copy(tmp_path, monkeypatch, restore_mlflow
     # a moved project (A gone) still reads A's runs' artifacts from its own copy
     shutil.rmtree(a)
     assert tracking.download_model(old.run_id, tmp_path / "dl").read_bytes() == fake_model.read_bytes()
+
+
+def test_compare_promote_sets_the_champion_by_a_lower_is_better_metric(tmp_path, mlflow_uri, restore_mlflow_uri):
+    """``python src/compare.py --promote eval/valid/niqe`` as the README runs it after a study (here
+    without one): the lower NIQE wins; an unknown metric is one line naming it, exit status 1."""
+    import os
+    import subprocess
+
+    import mlflow
+
+    from srgan.config import ROOT
+
+    niqe = "eval/valid/niqe"
+    runs = [log_tiny_generator(tmp_path, "srgan", v, seed=s, metric=niqe)[0] for s, v in ((1, 14.2), (2, 12.9))]
+    for r in runs:
+        tracking.register_model(r, tracking.DEFAULT_MODEL_NAME)
+
+    def compare(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), *flags, "--out",
+                               str(tmp_path / "reports" / "compare")], capture_output=True, text=True,
+                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, cwd=tmp_path)
+
+    ok = compare("--promote", niqe)
+    assert ok.returncode == 0, ok.stderr
+    assert f"{tracking.DEFAULT_MODEL_NAME}@champion -> version 2" in ok.stdout
+    champion = mlflow.MlflowClient().get_model_version_by_alias(tracking.DEFAULT_MODEL_NAME, tracking.CHAMPION)
+    assert champion.run_id == runs[1]
+    bad = compare("--promote", "eval/valid/nope")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --promote eval/valid/nope")
+    assert mlflow.MlflowClient().get_model_version_by_alias(tracking.DEFAULT_MODEL_NAME, tracking.CHAMPION).run_id == runs[1]
+    nothing = compare()
+    assert nothing.returncode == 1 and "no study yet" in nothing.stderr
