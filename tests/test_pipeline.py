@@ -214,17 +214,17 @@ def test_resident_crops_are_one_plain_variable_even_under_a_strategy():
 
 
 MEMORY_PROBE = """
-import resource, sys
+import sys
 from pathlib import Path
 import psutil
 from srgan import pipeline
+from srgan.bench.timing import peak_rss
 shards, data_bytes = Path(sys.argv[1]), int(sys.argv[2])
 before = psutil.Process().memory_info().rss
 ds = pipeline.train_dataset(shards, 4, 32, 4, 0, cache_bytes=2 * data_bytes)
 for _ in ds.take(3):
     pass
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-print((peak - before) / data_bytes)
+print((peak_rss() - before) / data_bytes)
 """
 
 

@@ -1,4 +1,5 @@
-"""Timing: per-call times after warm-up, their statistics, and the CPU other processes used meanwhile.
+"""Timing: per-call times after warm-up, their statistics, the CPU other processes used meanwhile,
+and the process's peak memory.
 
 Standard library only (psutil when metering), so the PyTorch peer's interpreter can use it too.
 """
@@ -9,7 +10,10 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+KIB = 1024  # /proc/self/status and ru_maxrss count KiB
 
 
 def stats(xs: Sequence[float]) -> dict[str, float]:
@@ -71,3 +75,16 @@ class CpuMeter:
         busy = sum(getattr(sys1, f, 0.0) - getattr(self._sys, f, 0.0) for f in self.BUSY)
         own = own1.user + own1.system - self._own.user - self._own.system
         self.result = {"wall_s": wall, "own_cores": own / wall, "others_cores": max(busy - own, 0.0) / wall}
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process's memory since it started (Linux ``VmHWM``), else
+    ``ru_maxrss`` (which on Linux also holds the parent's size at the fork before exec)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * KIB
+    import resource  # Unix only
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB

@@ -1,22 +1,20 @@
 """Tiled upscaling (``inference.upscale`` with the evaluate stage's tile/overlap): speed and peak RSS.
 
 One fresh process per image size, so the peak resident memory above the process's baseline
-(TF and the model loaded) compares between sizes. The peak is the kernel's own (``ru_maxrss``);
-the warm-up before it runs one window, less than any timed image needs.
+(TF and the model loaded) compares between sizes. The peak is the kernel's own high-water mark
+of this process's memory (``VmHWM``; not ``ru_maxrss``, which keeps the parent's size across
+exec); the warm-up before it runs one window, less than any timed image needs.
 """
 
 from __future__ import annotations
 
-import resource
 import time
 from typing import Any
 
 import numpy as np
 
 from .. import config
-from .timing import CpuMeter
-
-KIB = 1024  # ru_maxrss is in KiB on Linux
+from .timing import CpuMeter, peak_rss
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +38,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         inference.upscale(G, lr, scale, tile=ev.tile, overlap=ev.tile_overlap)
         seconds = time.perf_counter() - t0
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB, base)
+    peak = max(peak_rss(), base)
     windows = len(inference.plan_windows(h, w, ev.tile, ev.tile_overlap)) if ev.tile else 1
     hr_mpix = h * w * scale * scale / 1e6
     return {"lr_hw": [h, w], "windows": windows, "seconds": seconds, "hr_mpix": hr_mpix,
