@@ -132,7 +132,7 @@ def train_dataset(
         log.info("training crops decoded into memory: %d (%.0f MB)", n_records, sum(a.nbytes for a in crops) / MB)
         ds = epochs.map(_epoch_rows(counts, seed, window)).unbatch()
         hr_all, lr_all = (resident(a) for a in crops)
-        del crops  # the NumPy copies: from here the crops are held once
+        del crops  # the variables now own these arrays (shared, not copied)
 
         def pixels(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             return lr_all, hr_all, rows
@@ -309,6 +309,7 @@ def resident(a: np.ndarray) -> tf.Variable | tf.Tensor:
     with a captured ``tf.constant``, 2.95 GB with this variable made from ``load_crops``' aligned
     arrays (shared through DLPack: converting NumPy takes a transient second copy). Under a
     ``tf.distribute`` scope a variable would be mirrored on every device, so there it is a tensor.
+    The variable aliases ``a``: writes to ``a`` afterwards show through.
     """
     if tf.distribute.has_strategy():
         return tf.constant(a)
@@ -337,7 +338,7 @@ def load_crops(files: list[Path], hr_shape: tuple[int, ...], lr_shape: tuple[int
     n = sum(counts)
     hrs, lrs = aligned_empty((n, *hr_shape)), aligned_empty((n, *lr_shape))
     row = 0
-    for f, expected in zip(files, counts):
+    for f, expected in zip(files, counts, strict=True):
         got = 0
         for hr, lr in tf.data.TFRecordDataset(str(f)).map(_decode, num_parallel_calls=tf.data.AUTOTUNE):
             if hr.shape != hr_shape or lr.shape != lr_shape:

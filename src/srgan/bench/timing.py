@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-KIB = 1024  # /proc/self/status and ru_maxrss count KiB
+KIB = 1024  # /proc/self/status counts KiB (so does ru_maxrss on Linux; macOS counts bytes)
 
 
 def stats(xs: Sequence[float]) -> dict[str, float]:
@@ -78,8 +79,9 @@ class CpuMeter:
 
 
 def peak_rss() -> int:
-    """Peak resident bytes of this process's memory since it started (Linux ``VmHWM``), else
-    ``ru_maxrss`` (which on Linux also holds the parent's size at the fork before exec)."""
+    """Peak resident bytes of this process's memory (Linux ``VmHWM``: since start or the last
+    ``reset_peak_rss``), else ``ru_maxrss`` (since start; on Linux it also holds the parent's size
+    at the fork before exec, hence not first)."""
     status = Path("/proc/self/status")
     if status.exists():
         for line in status.read_text().splitlines():
@@ -87,4 +89,14 @@ def peak_rss() -> int:
                 return int(line.split()[1]) * KIB
     import resource  # Unix only
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else KIB)
+
+
+def reset_peak_rss() -> bool:
+    """Restart ``peak_rss`` from the current size (Linux: ``5`` to /proc/self/clear_refs); False
+    where that is not possible (then the peak is since the process started)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
