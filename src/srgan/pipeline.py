@@ -339,15 +339,14 @@ def load_crops(files: list[Path], hr_shape: tuple[int, ...], lr_shape: tuple[int
     hrs, lrs = aligned_empty((n, *hr_shape)), aligned_empty((n, *lr_shape))
     row = 0
     for f, expected in zip(files, counts, strict=True):
-        got = 0
-        for hr, lr in tf.data.TFRecordDataset(str(f)).map(_decode, num_parallel_calls=tf.data.AUTOTUNE):
+        got = 0  # reads at most one crop more than listed: enough to tell a stale count
+        records = tf.data.TFRecordDataset(str(f)).take(expected + 1)
+        for hr, lr in records.map(_decode, num_parallel_calls=tf.data.AUTOTUNE):
             if hr.shape != hr_shape or lr.shape != lr_shape:
                 raise ValueError(f"{f}: a crop of shape {tuple(hr.shape)} among crops of {hr_shape}; "
                                  "the shards must hold crops of one size (re-run preprocess)")
-            if got == expected:  # one more than listed: stop reading, fail below
-                got += 1
-                break
-            hrs[row + got], lrs[row + got] = hr.numpy(), lr.numpy()
+            if got < expected:
+                hrs[row + got], lrs[row + got] = hr.numpy(), lr.numpy()
             got += 1
         if got != expected:
             raise ValueError(f"{f}: holds {'more' if got > expected else got} crops, not the {expected} "
