@@ -41,38 +41,32 @@ next to the bicubic measured on the fetched sets (``bicubic_psnr_y``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-import urllib3
 from PIL import Image
-from tqdm import tqdm
 
 from . import images
+from .dataio import write_json_atomic
 from .download import (
-    CHUNK,
-    PART_SUFFIX,
     DigestMismatchError,
     DownloadError,
     FetchError,
     download,
+    download_unpinned,
+    file_digests,
     is_verified,
     replace_dir,
     safe_extract,
     sha256_file,
     url_for,
 )
-from .dataio import write_json_atomic
 from .sources import DIV2K_ARCHIVES
 
 log = logging.getLogger(__name__)
@@ -80,7 +74,6 @@ log = logging.getLogger(__name__)
 SET_JSON = "set.json"
 SET_FORMAT = 1  # bump when the content of dest_root/<name>/ changes meaning
 RECORD_SUFFIX = ".digest.json"  # trust-on-first-use / MD5-verified identity next to an archive
-PART_META_SUFFIX = ".part.json"  # size and validators of an unpinned download in progress
 IMAGE_EXTS = (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff")
 RAW_DIR = "_raw"  # extracted HR originals, inside the temporary build folder only
 
@@ -267,180 +260,6 @@ def _read_record(archive: Path) -> dict[str, Any] | None:
     return rec
 
 
-def _hash_file(path: Path) -> tuple[int, str, str]:
-    """(size, SHA-256, MD5) of a file in one pass. MD5 only checks a published digest, not security."""
-    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            sha.update(block)
-            md5.update(block)
-            size += len(block)
-    return size, sha.hexdigest(), md5.hexdigest()
-
-
-# -- first download of a file whose SHA-256 is not known (mirrors download._attempt) ---------------
-# Transient failures worth a retry (as in download.py); anything else fails at once.
-_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-_NET_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
-
-
-class _Retry(Exception):
-    """Internal: a transient failure; the caller retries after a backoff (the .part is kept)."""
-
-
-def _content_range(value: str | None) -> tuple[int | None, int | None] | None:
-    """``'bytes 10-99/100'`` -> (10, 100), ``'bytes */100'`` -> (None, 100); None if malformed."""
-    if not value or not value.startswith("bytes "):
-        return None
-    try:
-        span, total = value[6:].split("/", 1)
-        start = None if span.strip() == "*" else int(span.split("-", 1)[0])
-        return start, (None if total.strip() == "*" else int(total))
-    except ValueError:
-        return None
-
-
-def _attempt_unpinned(
-    session: requests.Session, url: str, part: Path, *, name: str, timeout: float, progress: bool | None
-) -> None:
-    """One request: append to (or restart) ``part`` until it holds the announced length.
-
-    The announced length and the server's validator (ETag / Last-Modified) are kept in a small
-    ``.part.json`` so that a resume checks it continues the *same* file (``If-Range``: a changed
-    file comes back whole with 200, and the .part restarts).
-    """
-    meta_path = part.with_name(part.name[: -len(PART_SUFFIX)] + PART_META_SUFFIX)
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        meta = {}
-    if not isinstance(meta, dict):
-        meta = {}
-    offset = part.stat().st_size if part.exists() else 0
-    if offset and meta.get("url") != url:
-        part.unlink()  # a prefix of unknown origin: start over
-        offset = 0
-    headers = {"Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-        if meta.get("validator"):
-            headers["If-Range"] = meta["validator"]
-    try:
-        resp = session.get(url, headers=headers, stream=True, timeout=timeout)
-    except _NET_ERRORS as exc:
-        raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-    with resp:
-        if resp.status_code == 416 and offset:
-            cr = _content_range(resp.headers.get("Content-Range"))
-            if cr is not None and cr[1] == offset == meta.get("total"):
-                return  # the .part is already complete (a run stopped before the rename)
-            part.unlink(missing_ok=True)
-            raise _Retry("HTTP 416 (range not satisfiable); restarting from byte 0")
-        if resp.status_code in _RETRY_STATUS:
-            raise _Retry(f"HTTP {resp.status_code}")
-        if resp.status_code not in (200, 206):
-            raise DownloadError(f"{name}: HTTP {resp.status_code} {resp.reason} for {url}")
-        if resp.status_code == 206:
-            cr = _content_range(resp.headers.get("Content-Range"))
-            if cr is None or cr[0] != offset or (meta.get("total") not in (None, cr[1])):
-                part.unlink(missing_ok=True)
-                raise _Retry(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}; restarting")
-            total = cr[1]
-        else:  # 200: the whole file (no Range sent, Range ignored, or If-Range saw a changed file)
-            offset = 0
-            cl = resp.headers.get("Content-Length")
-            total = int(cl) if cl and cl.isdigit() else None
-        if total is None:
-            raise DownloadError(
-                f"{name}: {url} announced no length; a download without a published digest "
-                "cannot be checked for completeness"
-            )
-        validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
-        if resp.status_code == 200 or not meta:
-            write_json_atomic(meta_path, {"url": url, "total": total, "validator": validator})
-        done = offset
-        bar = tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=name, disable=None if progress is None else not progress, leave=False,
-        )
-        stream = resp.raw.stream(CHUNK, decode_content=False)  # the bytes served, undecoded
-        with bar, open(part, "ab" if offset else "wb") as out:
-            while True:
-                try:
-                    block = next(stream)
-                except StopIteration:
-                    break
-                except _NET_ERRORS as exc:
-                    why = f"connection lost after {done} of {total} bytes ({type(exc).__name__})"
-                    raise _Retry(why) from exc
-                done += len(block)
-                if done > total:
-                    out.close()
-                    part.unlink(missing_ok=True)
-                    raise DownloadError(f"{name}: {url} sent more than the {total} bytes it announced")
-                out.write(block)
-                bar.update(len(block))
-            out.flush()
-            os.fsync(out.fileno())
-    if done < total:
-        raise _Retry(f"connection closed after {done} of {total} bytes")
-
-
-def download_unpinned(
-    url: str,
-    dest: Path,
-    *,
-    md5: str | None = None,
-    retries: int = 5,
-    backoff: float = 2.0,
-    timeout: float = 60.0,
-    progress: bool | None = None,
-) -> tuple[int, str, str]:
-    """Download ``url`` to ``dest`` without a known SHA-256; return its (size, SHA-256, MD5).
-
-    Resumable like ``download.download`` (``dest.part``, HTTP Range, bounded retries with backoff).
-    With ``md5`` the finished file must match it: otherwise DigestMismatchError and the .part is
-    deleted. Without it the caller is trusting the file on first use.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + PART_SUFFIX)
-    meta_path = dest.with_name(dest.name + PART_META_SUFFIX)
-    have = part.stat().st_size if part.exists() else 0
-    resume = f", resuming at byte {have}" if have else ""
-    log.info("downloading %s from %s%s", dest.name, url, resume)
-    failures = 0
-    with requests.Session() as session:
-        while True:
-            before = part.stat().st_size if part.exists() else 0
-            try:
-                _attempt_unpinned(session, url, part, name=dest.name, timeout=timeout, progress=progress)
-                break
-            except _Retry as exc:
-                now = part.stat().st_size if part.exists() else 0
-                failures = 1 if now > before else failures + 1  # progress does not eat the budget
-                if failures > retries:
-                    raise DownloadError(
-                        f"{dest.name}: giving up after {failures} failed attempts from {url} ({exc}); "
-                        f"{now} bytes kept in {part} for the next run"
-                    ) from None
-                wait = min(backoff * 2 ** (failures - 1), 60.0)
-                log.warning("%s: %s; retry %d/%d in %.1fs", dest.name, exc, failures, retries, wait)
-                time.sleep(wait)
-    size, sha256, got_md5 = _hash_file(part)
-    if md5 is not None and got_md5 != md5.lower():
-        part.unlink()
-        meta_path.unlink(missing_ok=True)
-        raise DigestMismatchError(
-            f"{dest.name}: MD5 mismatch: expected {md5.lower()}, got {got_md5} (from {url}); "
-            "the partial download was deleted"
-        )
-    os.replace(part, dest)
-    meta_path.unlink(missing_ok=True)
-    return size, sha256, got_md5
-
-
 # -- obtaining a verified archive ---------------------------------------------------------------
 def _write_record(path: Path, src: Source, size: int, sha256: str, md5: str, basis: str) -> dict[str, Any]:
     rec = {"name": src.archive, "size": size, "sha256": sha256, "md5": md5, "basis": basis, "origin": src.url}
@@ -492,7 +311,7 @@ def _obtain(src: Source, base_url: str | None, download_dir: Path, opts: dict[st
     # no record yet: verify by MD5 when published, otherwise trust on first use
     size = sha256 = got_md5 = None
     if path.is_file():
-        size, sha256, got_md5 = _hash_file(path)  # e.g. put there by hand
+        size, sha256, got_md5 = file_digests(path)  # e.g. put there by hand
         if src.md5 and got_md5 != src.md5:
             log.warning("%s does not match its published MD5; downloading it again", path)
             path.unlink()

@@ -122,19 +122,20 @@ def is_verified(dest: Path, size: int, sha256: str) -> bool:
 # Transient failures worth a retry; anything else (404, 403, ...) fails at once.
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _NET_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+PART_META_SUFFIX = ".part.json"  # announced length and validator of an unpinned download in progress
 
 
 class _Retry(Exception):
-    """Internal: a transient failure; the caller retries after a backoff."""
+    """Internal: a transient failure; the caller retries after a backoff (the .part is kept)."""
 
 
-def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
-    """``'bytes 10-99/100'`` -> (10, 100); None if absent or malformed."""
+def _parse_content_range(value: str | None) -> tuple[int | None, int | None] | None:
+    """``'bytes 10-99/100'`` -> (10, 100), ``'bytes */100'`` -> (None, 100); None if malformed."""
     if not value or not value.startswith("bytes "):
         return None
     try:
         span, total = value[6:].split("/", 1)
-        start = int(span.split("-", 1)[0])
+        start = None if span.strip() == "*" else int(span.split("-", 1)[0])
         return start, (None if total.strip() == "*" else int(total))
     except ValueError:
         return None
@@ -150,41 +151,71 @@ def _mismatch(
     )
 
 
-def _attempt(
+def file_digests(path: Path) -> tuple[int, str, str]:
+    """(size, SHA-256, MD5) of a file in one pass. MD5 only checks a published digest, not security."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            sha.update(block)
+            md5.update(block)
+            size += len(block)
+    return size, sha.hexdigest(), md5.hexdigest()
+
+
+def _read_part_meta(meta_path: Path | None) -> dict:
+    if meta_path is None:
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _fetch_part(
     session: requests.Session,
     url: str,
     part: Path,
-    size: int,
-    sha256: str,
+    size: int | None,
     *,
     name: str,
     timeout: float,
     progress: bool | None,
+    meta_path: Path | None = None,
 ) -> None:
-    """One request: append to (or restart) ``part`` until it holds ``size`` bytes.
+    """One request: append to (or restart) ``part`` until it holds the whole file.
 
-    Raises _Retry on transient failures (the .part is kept for resuming), DownloadError or
-    DigestMismatchError on permanent ones.
+    ``size`` is the published size; None takes the length the server announces, kept with its
+    validator (ETag / Last-Modified) in ``meta_path`` so that a resume continues the *same* file
+    (``If-Range``: a changed file comes back whole with 200 and the .part restarts). Raises _Retry
+    on transient failures (the .part is kept for resuming), DownloadError or DigestMismatchError on
+    permanent ones. The caller verifies the digest of the finished .part.
     """
+    meta = _read_part_meta(meta_path)
+    expected = size if size is not None else meta.get("total")
     offset = part.stat().st_size if part.exists() else 0
-    if offset > size:  # cannot be a prefix of the right file
-        part.unlink()
+    unknown_origin = size is None and meta.get("url") != url
+    if offset and (unknown_origin or (expected is not None and offset > expected)):
+        part.unlink()  # cannot be a prefix of the right file
         offset = 0
-    if offset == size:  # completed by an earlier run that stopped before the rename
-        actual = sha256_file(part)
-        if actual != sha256:
-            raise _mismatch(part, url, name, "SHA-256", sha256, actual)
-        return
+    if offset and offset == size:
+        return  # completed by an earlier run that stopped before the rename
     # identity encoding: byte offsets must refer to the file itself, not a gzip stream of it
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if meta.get("validator"):
+            headers["If-Range"] = meta["validator"]
     try:
         resp = session.get(url, headers=headers, stream=True, timeout=timeout)
     except _NET_ERRORS as exc:
         raise _Retry(f"{type(exc).__name__}: {exc}") from exc
     with resp:
         if resp.status_code == 416 and offset:
+            cr = _parse_content_range(resp.headers.get("Content-Range"))
+            if cr is not None and cr[1] == offset == expected:
+                return  # the .part is already complete (a run stopped before the rename)
             part.unlink(missing_ok=True)  # server disagrees about our prefix: start over
             raise _Retry("HTTP 416 (range not satisfiable); restarting from byte 0")
         if resp.status_code in _RETRY_STATUS:
@@ -193,31 +224,34 @@ def _attempt(
             raise DownloadError(f"{name}: HTTP {resp.status_code} {resp.reason} for {url}")
         if resp.status_code == 206:
             cr = _parse_content_range(resp.headers.get("Content-Range"))
-            if cr is None or cr[0] != offset:
+            if cr is None or cr[0] != offset or (size is None and expected not in (None, cr[1])):
                 part.unlink(missing_ok=True)
                 raise _Retry(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}; restarting")
             total = cr[1]
         else:
-            # 200: the server ignored (or we sent no) Range, the body is the whole file
+            # 200: the whole file (no Range sent, Range ignored, or If-Range saw a changed file)
             offset = 0
             cl = resp.headers.get("Content-Length")
             total = int(cl) if cl and cl.isdigit() else None
-        # fail before transferring gigabytes if the server announces another size
-        if total is not None and total != size:
-            announced = f"{total} bytes (announced by the server)"
-            raise _mismatch(part, url, name, "size", f"{size} bytes", announced)
-
-        h = hashlib.sha256()
-        if offset:
-            with open(part, "rb") as f:  # the resumed prefix is part of the digest
-                while block := f.read(CHUNK):
-                    h.update(block)
+        if size is not None:
+            # fail before transferring gigabytes if the server announces another size
+            if total is not None and total != size:
+                raise _mismatch(part, url, name, "size", f"{size} bytes", f"{total} bytes (announced by the server)")
+            total = size
+        elif total is None:
+            raise DownloadError(
+                f"{name}: {url} announced no length; a download without a published digest "
+                "cannot be checked for completeness"
+            )
+        elif meta_path is not None and (resp.status_code == 200 or not meta):
+            validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+            write_json_atomic(meta_path, {"url": url, "total": total, "validator": validator})
         done = offset
         bar = tqdm(
-            total=size, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
             desc=name, disable=None if progress is None else not progress, leave=False,
         )
-        # raw stream without decoding, so what we hash is exactly what was served
+        # raw stream without decoding, so what we keep is exactly what was served
         stream = resp.raw.stream(CHUNK, decode_content=False)
         with bar, open(part, "ab" if offset else "wb") as out:
             while True:
@@ -226,22 +260,70 @@ def _attempt(
                 except StopIteration:
                     break
                 except _NET_ERRORS as exc:  # only network errors are retried, not disk errors
-                    why = f"connection lost after {done} of {size} bytes ({type(exc).__name__})"
+                    why = f"connection lost after {done} of {total} bytes ({type(exc).__name__})"
                     raise _Retry(why) from exc
                 done += len(block)
-                if done > size:
+                if done > total:
                     out.close()
-                    raise _mismatch(part, url, name, "size", f"{size} bytes", f"more than {size} bytes")
+                    if size is not None:
+                        raise _mismatch(part, url, name, "size", f"{size} bytes", f"more than {size} bytes")
+                    part.unlink(missing_ok=True)
+                    raise DownloadError(f"{name}: {url} sent more than the {total} bytes it announced")
                 out.write(block)
-                h.update(block)
                 bar.update(len(block))
             out.flush()
             os.fsync(out.fileno())
-    if done < size:
-        raise _Retry(f"connection closed after {done} of {size} bytes")
-    actual = h.hexdigest()
-    if actual != sha256:
-        raise _mismatch(part, url, name, "SHA-256", sha256, actual)
+    if done < total:
+        raise _Retry(f"connection closed after {done} of {total} bytes")
+
+
+def _fetch_with_retries(
+    url: str,
+    dest: Path,
+    size: int | None,
+    *,
+    retries: int,
+    backoff: float,
+    timeout: float,
+    progress: bool | None,
+    session: requests.Session | None,
+    meta_path: Path | None = None,
+) -> Path:
+    """Fetch ``url`` into ``dest.part`` (resumed), retrying transient failures; return the .part.
+
+    Up to ``retries`` consecutive failures without progress are retried with exponential backoff.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + PART_SUFFIX)
+    have = part.stat().st_size if part.exists() else 0
+    announced = f" ({size} bytes)" if size is not None else ""
+    resume = f", resuming at byte {have}" if have else ""
+    log.info("downloading %s%s from %s%s", dest.name, announced, url, resume)
+    own = session is None
+    session = session or requests.Session()
+    failures = 0
+    try:
+        while True:
+            before = part.stat().st_size if part.exists() else 0
+            try:
+                _fetch_part(session, url, part, size, name=dest.name, timeout=timeout,
+                            progress=progress, meta_path=meta_path)
+                return part
+            except _Retry as exc:
+                now = part.stat().st_size if part.exists() else 0
+                # bounded per stall: a failure after real progress does not eat the budget
+                failures = 1 if now > before else failures + 1
+                if failures > retries:
+                    raise DownloadError(
+                        f"{dest.name}: giving up after {failures} failed attempts from {url} ({exc}); "
+                        f"{now} bytes kept in {part} for the next run"
+                    ) from None
+                wait = min(backoff * 2 ** (failures - 1), 60.0)
+                log.warning("%s: %s; retry %d/%d in %.1fs", dest.name, exc, failures, retries, wait)
+                time.sleep(wait)
+    finally:
+        if own:
+            session.close()
 
 
 def download(
@@ -274,38 +356,45 @@ def download(
         log.warning("%s does not match its published digest; downloading it again", dest)
         dest.unlink()
         _sidecar(dest).unlink(missing_ok=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + PART_SUFFIX)
-    have = part.stat().st_size if part.exists() else 0
-    resume = f", resuming at byte {have}" if have else ""
-    log.info("downloading %s (%d bytes) from %s%s", dest.name, size, url, resume)
-    own = session is None
-    session = session or requests.Session()
-    failures = 0
-    try:
-        while True:
-            before = part.stat().st_size if part.exists() else 0
-            try:
-                _attempt(session, url, part, size, sha256, name=dest.name, timeout=timeout, progress=progress)
-                break
-            except _Retry as exc:
-                now = part.stat().st_size if part.exists() else 0
-                # bounded per stall: a failure after real progress does not eat the budget
-                failures = 1 if now > before else failures + 1
-                if failures > retries:
-                    raise DownloadError(
-                        f"{dest.name}: giving up after {failures} failed attempts from {url} ({exc}); "
-                        f"{now} bytes kept in {part} for the next run"
-                    ) from None
-                wait = min(backoff * 2 ** (failures - 1), 60.0)
-                log.warning("%s: %s; retry %d/%d in %.1fs", dest.name, exc, failures, retries, wait)
-                time.sleep(wait)
-    finally:
-        if own:
-            session.close()
-    os.replace(part, dest)  # _attempt verified size and digest
+    part = _fetch_with_retries(url, dest, size, retries=retries, backoff=backoff, timeout=timeout,
+                               progress=progress, session=session)
+    actual = sha256_file(part)
+    if actual != sha256:
+        raise _mismatch(part, url, dest.name, "SHA-256", sha256, actual)
+    os.replace(part, dest)
     _record_verified(dest, sha256)
     return dest
+
+
+def download_unpinned(
+    url: str,
+    dest: Path,
+    *,
+    md5: str | None = None,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    progress: bool | None = None,
+    session: requests.Session | None = None,
+) -> tuple[int, str, str]:
+    """Download ``url`` to ``dest`` without a known SHA-256; return its (size, SHA-256, MD5).
+
+    Resumable like ``download`` (``dest.part``, HTTP Range, bounded retries with backoff); the
+    length the server announced and its validator make sure a resume continues the same file.
+    With ``md5`` the finished file must match it: otherwise DigestMismatchError and the .part is
+    deleted. Without it the caller is trusting the file on first use.
+    """
+    dest = Path(dest)
+    meta_path = dest.with_name(dest.name + PART_META_SUFFIX)
+    part = _fetch_with_retries(url, dest, None, retries=retries, backoff=backoff, timeout=timeout,
+                               progress=progress, session=session, meta_path=meta_path)
+    size, sha256, got_md5 = file_digests(part)
+    if md5 is not None and got_md5 != md5.lower():
+        meta_path.unlink(missing_ok=True)
+        raise _mismatch(part, url, dest.name, "MD5", md5.lower(), got_md5)
+    os.replace(part, dest)
+    meta_path.unlink(missing_ok=True)
+    return size, sha256, got_md5
 
 
 def fetch_archive(
