@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +64,7 @@ from .download import (
     replace_dir,
     safe_extract,
     sha256_file,
+    staging_dir,
     url_for,
 )
 from .sources import DIV2K_ARCHIVES
@@ -463,13 +463,6 @@ def _is_current(out: Path, bset: BenchmarkSet, scale: int, download_dir: Path) -
     return True
 
 
-def _clean_stale(out: Path) -> None:
-    """Remove temp folders a killed earlier run left beside ``out``."""
-    for pattern in (f"{out.name}.tmp-*", f"{out.name}.old-*"):
-        for p in out.parent.glob(pattern):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def fetch_benchmark(
     name: str,
     dest_root: Path,
@@ -502,9 +495,7 @@ def fetch_benchmark(
         return out
     opts = {"progress": progress, "retries": retries, "backoff": backoff, "timeout": timeout}
     src, archive, ident = _obtain_any(bset, base_url, download_dir, opts)
-    dest_root.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=dest_root))
+    tmp = staging_dir(out)
     try:
         meta = _build(bset, src, archive, ident, scale, tmp)
         replace_dir(tmp, out)

@@ -493,12 +493,28 @@ def _entries(archive: Path, select: Selector) -> Iterator[list[_Entry]]:
         yield out
 
 
+_STAGING, _REPLACED = ".tmp-", ".old-"  # name marks of the temporary siblings of a target folder
+
+
+def staging_dir(target: Path) -> Path:
+    """A new empty sibling of ``target`` to build it in, for ``replace_dir``.
+
+    Siblings that a killed earlier run left (``<name>.tmp-*``, ``<name>.old-*``) are removed first;
+    callers hold DVC's repository lock (or their own), so none of them is in use.
+    """
+    for mark in (_STAGING, _REPLACED):
+        for p in target.parent.glob(f"{target.name}{mark}*"):
+            shutil.rmtree(p, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{target.name}{_STAGING}", dir=target.parent))
+
+
 def replace_dir(new: Path, target: Path) -> None:
     """Rename directory ``new`` to ``target``; an existing ``target`` is replaced."""
     if not target.exists():
         os.rename(new, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f"{target.name}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f"{target.name}{_REPLACED}", dir=target.parent))
     os.rename(target, old / target.name)
     os.rename(new, target)
     shutil.rmtree(old, ignore_errors=True)
@@ -528,7 +544,7 @@ def safe_extract(archive: Path, target: Path, select: Selector | None = None) ->
                 )
             seen[out] = e.name
             e.out = out
-        tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}{_STAGING}", dir=target.parent))
         try:
             digests: dict[str, str] = {}
             for e in entries:

@@ -15,7 +15,6 @@ import json
 import logging
 import random
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from srgan.download import (
     list_members,
     replace_dir,
     safe_extract,
+    staging_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -301,13 +301,6 @@ def _coco(cfg: Config, out: Path, ctx: _Ctx) -> tuple[dict, dict]:
 
 
 # -- entry point -------------------------------------------------------------------------------------
-def _clean_stale(raw_dir: Path) -> None:
-    """Remove temp folders left by a killed earlier run (DVC's repo lock serialises stages)."""
-    for pattern in (f"{raw_dir.name}.tmp-*", f"{raw_dir.name}.old-*"):
-        for p in raw_dir.parent.glob(pattern):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def fetch(
     cfg: Config,
     raw_dir: Path,
@@ -334,9 +327,7 @@ def fetch(
         table={**ARCHIVES, **(archives or {})},
         download_opts={"progress": progress, "retries": retries, "backoff": backoff, "timeout": timeout},
     )
-    raw_dir.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(raw_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{raw_dir.name}.tmp-", dir=raw_dir.parent))
+    tmp = staging_dir(raw_dir)
     try:
         if source == "sample":
             splits, details = _sample(cfg, tmp, ctx, sample_src)
