@@ -151,16 +151,40 @@ def _mismatch(
     )
 
 
+Digests = tuple[str, "str | None"]  # (SHA-256, MD5 or None) hex digests
+
+
+class _Hashes:
+    """SHA-256 and, when asked, MD5 fed in one pass. MD5 only checks a published digest."""
+
+    def __init__(self, with_md5: bool) -> None:
+        self._all = [hashlib.sha256()] + ([hashlib.md5(usedforsecurity=False)] if with_md5 else [])
+
+    def update(self, block: bytes) -> None:
+        for h in self._all:
+            h.update(block)
+
+    def update_from(self, path: Path) -> int:
+        """Feed the whole file at ``path``; return its size."""
+        size = 0
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK):
+                self.update(block)
+                size += len(block)
+        return size
+
+    def hexdigests(self) -> Digests:
+        sha, *md5 = (h.hexdigest() for h in self._all)
+        return sha, (md5[0] if md5 else None)
+
+
 def file_digests(path: Path) -> tuple[int, str, str]:
-    """(size, SHA-256, MD5) of a file in one pass. MD5 only checks a published digest, not security."""
-    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            sha.update(block)
-            md5.update(block)
-            size += len(block)
-    return size, sha.hexdigest(), md5.hexdigest()
+    """(size, SHA-256, MD5) of a file in one pass."""
+    hashes = _Hashes(with_md5=True)
+    size = hashes.update_from(path)
+    sha256, md5 = hashes.hexdigests()
+    assert md5 is not None
+    return size, sha256, md5
 
 
 def _read_part_meta(meta_path: Path | None) -> dict:
@@ -183,15 +207,17 @@ def _fetch_part(
     timeout: float,
     progress: bool | None,
     meta_path: Path | None = None,
-) -> None:
-    """One request: append to (or restart) ``part`` until it holds the whole file.
+) -> Digests:
+    """One request: append to (or restart) ``part`` until it holds the whole file; its digests.
 
     ``size`` is the published size; None takes the length the server announces, kept with its
     validator (ETag / Last-Modified) in ``meta_path`` so that a resume continues the *same* file
     (``If-Range``: a changed file comes back whole with 200 and the .part restarts). Raises _Retry
     on transient failures (the .part is kept for resuming), DownloadError or DigestMismatchError on
-    permanent ones. The caller verifies the digest of the finished .part.
+    permanent ones. The digests (the MD5 only for an unpinned download, ``size`` None) are taken
+    while the bytes arrive, so the caller verifies without reading the file again.
     """
+    hashes = _Hashes(with_md5=size is None)
     meta = _read_part_meta(meta_path)
     expected = size if size is not None else meta.get("total")
     offset = part.stat().st_size if part.exists() else 0
@@ -199,8 +225,9 @@ def _fetch_part(
     if offset and (unknown_origin or (expected is not None and offset > expected)):
         part.unlink()  # cannot be a prefix of the right file
         offset = 0
-    if offset and offset == size:
-        return  # completed by an earlier run that stopped before the rename
+    if offset and offset == size:  # completed by an earlier run that stopped before the rename
+        hashes.update_from(part)
+        return hashes.hexdigests()
     # identity encoding: byte offsets must refer to the file itself, not a gzip stream of it
     headers = {"Accept-Encoding": "identity"}
     if offset:
@@ -214,8 +241,9 @@ def _fetch_part(
     with resp:
         if resp.status_code == 416 and offset:
             cr = _parse_content_range(resp.headers.get("Content-Range"))
-            if cr is not None and cr[1] == offset == expected:
-                return  # the .part is already complete (a run stopped before the rename)
+            if cr is not None and cr[1] == offset == expected:  # complete: stopped before the rename
+                hashes.update_from(part)
+                return hashes.hexdigests()
             part.unlink(missing_ok=True)  # server disagrees about our prefix: start over
             raise _Retry("HTTP 416 (range not satisfiable); restarting from byte 0")
         if resp.status_code in _RETRY_STATUS:
@@ -236,7 +264,8 @@ def _fetch_part(
         if size is not None:
             # fail before transferring gigabytes if the server announces another size
             if total is not None and total != size:
-                raise _mismatch(part, url, name, "size", f"{size} bytes", f"{total} bytes (announced by the server)")
+                announced = f"{total} bytes (announced by the server)"
+                raise _mismatch(part, url, name, "size", f"{size} bytes", announced)
             total = size
         elif total is None:
             raise DownloadError(
@@ -246,6 +275,8 @@ def _fetch_part(
         elif meta_path is not None and (resp.status_code == 200 or not meta):
             validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
             write_json_atomic(meta_path, {"url": url, "total": total, "validator": validator})
+        if offset:
+            hashes.update_from(part)  # the resumed prefix is part of the digest
         done = offset
         bar = tqdm(
             total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
@@ -270,11 +301,13 @@ def _fetch_part(
                     part.unlink(missing_ok=True)
                     raise DownloadError(f"{name}: {url} sent more than the {total} bytes it announced")
                 out.write(block)
+                hashes.update(block)
                 bar.update(len(block))
             out.flush()
             os.fsync(out.fileno())
     if done < total:
         raise _Retry(f"connection closed after {done} of {total} bytes")
+    return hashes.hexdigests()
 
 
 def _fetch_with_retries(
@@ -288,8 +321,8 @@ def _fetch_with_retries(
     progress: bool | None,
     session: requests.Session | None,
     meta_path: Path | None = None,
-) -> Path:
-    """Fetch ``url`` into ``dest.part`` (resumed), retrying transient failures; return the .part.
+) -> tuple[Path, Digests]:
+    """Fetch ``url`` into ``dest.part`` (resumed), retrying transient failures; the .part, its digests.
 
     Up to ``retries`` consecutive failures without progress are retried with exponential backoff.
     """
@@ -306,9 +339,9 @@ def _fetch_with_retries(
         while True:
             before = part.stat().st_size if part.exists() else 0
             try:
-                _fetch_part(session, url, part, size, name=dest.name, timeout=timeout,
-                            progress=progress, meta_path=meta_path)
-                return part
+                digests = _fetch_part(session, url, part, size, name=dest.name, timeout=timeout,
+                                      progress=progress, meta_path=meta_path)
+                return part, digests
             except _Retry as exc:
                 now = part.stat().st_size if part.exists() else 0
                 # bounded per stall: a failure after real progress does not eat the budget
@@ -356,9 +389,8 @@ def download(
         log.warning("%s does not match its published digest; downloading it again", dest)
         dest.unlink()
         _sidecar(dest).unlink(missing_ok=True)
-    part = _fetch_with_retries(url, dest, size, retries=retries, backoff=backoff, timeout=timeout,
-                               progress=progress, session=session)
-    actual = sha256_file(part)
+    part, (actual, _) = _fetch_with_retries(url, dest, size, retries=retries, backoff=backoff,
+                                            timeout=timeout, progress=progress, session=session)
     if actual != sha256:
         raise _mismatch(part, url, dest.name, "SHA-256", sha256, actual)
     os.replace(part, dest)
@@ -386,9 +418,11 @@ def download_unpinned(
     """
     dest = Path(dest)
     meta_path = dest.with_name(dest.name + PART_META_SUFFIX)
-    part = _fetch_with_retries(url, dest, None, retries=retries, backoff=backoff, timeout=timeout,
-                               progress=progress, session=session, meta_path=meta_path)
-    size, sha256, got_md5 = file_digests(part)
+    part, (sha256, got_md5) = _fetch_with_retries(url, dest, None, retries=retries, backoff=backoff,
+                                                  timeout=timeout, progress=progress, session=session,
+                                                  meta_path=meta_path)
+    assert got_md5 is not None  # an unpinned fetch always takes the MD5
+    size = part.stat().st_size
     if md5 is not None and got_md5 != md5.lower():
         meta_path.unlink(missing_ok=True)
         raise _mismatch(part, url, dest.name, "MD5", md5.lower(), got_md5)
