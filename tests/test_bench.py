@@ -138,6 +138,7 @@ def test_quick_run_writes_every_section(processed_dir, tmp_path):
         assert s["finite"] and s["flops"] > 0 and s["per_s"]["median"] > 0 and math.isfinite(steps.limit_fraction(v, name))
     assert rep["pipeline"]["crops_per_s"]["median"] > 0 and rep["pipeline"]["feed_ratio"] > 0
     assert rep["upscale"]["large"]["lr_hw"] == [60, 80] and rep["summary"]["upscale_mem_ratio"] > 0
-    assert "skipped" in rep["torch_peer"] or rep["summary"]["torch_ratio"]
+    peer = rep["summary"]["steps"].values()  # with BENCH_TORCH_PYTHON set, the peer runs and gives each ratio
+    assert "skipped" in rep["torch_peer"] or all(r["project_over_torch"] > 0 for r in peer), rep["torch_peer"]
     assert {"float32", "mixed_bfloat16", "bf16_minus_f32_db"} <= set(rep["quality"])
     assert report.format_report(rep)  # the table renders from the stored JSON too

@@ -223,7 +223,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--matmul-n", type=int, default=MATMUL_N, help="side of the reference matmuls")
     ap.add_argument("--upscale-lr", type=lambda s: tuple(int(x) for x in s.lower().split("x"))[::-1],
                     help="small LR image WxH (default 510x339; --quick: one tile window + 1 px)")
-    ap.add_argument("--torch-python", default=sys.executable, help="interpreter with torch (PyTorch peer)")
+    ap.add_argument("--torch-python", default=os.environ.get("BENCH_TORCH_PYTHON", sys.executable),
+                    help="interpreter with torch (PyTorch peer; default $BENCH_TORCH_PYTHON, else this one)")
     ap.add_argument("--processed", type=Path, default=ROOT / "data/processed", help="processed data (else a "
                     "temporary set from the sample photos)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/bench.json", help="JSON report")
