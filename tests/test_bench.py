@@ -94,6 +94,14 @@ def test_variants_map_atoms_to_config_and_environment():
     assert cli.parse_args(["--upscale-lr", "510x339"]).upscale_lr == (339, 510)  # WxH -> (h, w)
 
 
+def test_torch_python_defaults_to_the_environment_then_this_interpreter(monkeypatch):
+    monkeypatch.delenv("BENCH_TORCH_PYTHON", raising=False)
+    assert cli.parse_args([]).torch_python == sys.executable
+    monkeypatch.setenv("BENCH_TORCH_PYTHON", "/opt/torch/bin/python")
+    assert cli.parse_args([]).torch_python == "/opt/torch/bin/python"
+    assert cli.parse_args(["--torch-python", "/x/python"]).torch_python == "/x/python"  # the flag wins
+
+
 def test_report_is_strict_json_written_atomically(tmp_path):
     out = tmp_path / "bench.json"
     out.write_text("old")
