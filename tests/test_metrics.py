@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from srgan import metrics
+from srgan import images, losses, metrics
+
+
+class _Ref:
+    """A reference pair (what ``dataio.Pair`` offers a metric)."""
+
+    def __init__(self, hr: np.ndarray, lr: np.ndarray):
+        self.hr, self.lr = hr, lr
 
 
 def _pair(h: int = 40, w: int = 52, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -79,8 +86,9 @@ def test_gaussian_window_is_wang_window() -> None:
 
 def test_identical_images() -> None:
     _, hr = _pair()
-    res = metrics.evaluate_pair(hr, hr.copy(), 4)
-    assert res == {"psnr_y": math.inf, "ssim_y": 1.0, "psnr_rgb": math.inf}
+    res = metrics.Scorer(4).score(hr, _Ref(hr, images.downscale(hr, 4)))
+    assert {k: res[k] for k in ("psnr_y", "ssim_y", "psnr_rgb")} == {"psnr_y": math.inf, "ssim_y": 1.0,
+                                                                      "psnr_rgb": math.inf}
 
 
 def test_known_offsets() -> None:
@@ -114,3 +122,120 @@ def test_input_validation() -> None:
         metrics.psnr_y(sr[:8], hr[:8], 4)
     with pytest.raises(ValueError, match="11x11"):
         metrics.ssim_y(sr[:18], hr[:18], 4)  # 10 rows left after the border
+
+
+# -- the sub-pixel artifact score --------------------------------------------------------------------
+def _photo_pair(scale: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    from conftest import skimage_data_dir
+
+    hr = images.mod_crop(images.load_rgb(skimage_data_dir() / "astronaut.png"), scale)
+    return hr, images.downscale(hr, scale)
+
+
+def test_artifact_is_zero_for_bicubic_and_low_for_a_smooth_image():
+    hr, lr = _photo_pair()
+    assert metrics.subpixel_artifact(images.upscale_bicubic(lr, 4), lr, 4, metrics.ARTIFACT_WINDOW) == 0.0
+    yy, xx = np.mgrid[0:256, 0:256] / 256.0
+    smooth = np.stack([200 * xx + 20, 150 * yy + 40, 100 * (xx + yy) / 2 + 60], -1).round().astype(np.uint8)
+    small = images.downscale(smooth, 4)
+    # a smooth image's detail over bicubic is tiny, so is any pattern in it: 8-bit rounding and the
+    # image edges only, a tenth of a level (a visible checkerboard is a few levels)
+    assert metrics.subpixel_artifact(smooth, small, 4, metrics.ARTIFACT_WINDOW) < 0.25
+
+
+def test_artifact_measures_a_checkerboard_and_ranks_it_above_real_detail():
+    hr, lr = _photo_pair()
+    window = metrics.ARTIFACT_WINDOW
+    real_level = metrics.subpixel_artifact(hr, lr, 4, window)
+    rng = np.random.default_rng(0)
+    period = rng.normal(0.0, 1.0, (4, 4))
+    period -= period.mean()
+    period *= 2.0 / np.sqrt(np.mean(period**2))  # RMS 2 levels, zero mean: a pure lattice pattern
+    bic = images.upscale_bicubic(lr, 4).astype(np.float64)
+    board = np.tile(period, (bic.shape[0] // 4, bic.shape[1] // 4))[..., None]
+    sr = np.clip(bic + board, 0, 255).round().astype(np.uint8)
+    got = metrics.subpixel_artifact(sr, lr, 4, window)
+    # the pattern's amplitude in Y levels (an equal RGB step moves BT.601 Y by 219/255 of it)
+    assert got == pytest.approx(2.0 * 219 / 255, rel=0.05)
+    assert got > 2 * real_level  # the photo's own detail leaks less into the lattice
+    # the same pattern on the real image's detail: still found on top of HR's level
+    assert metrics.subpixel_artifact(np.clip(hr + board, 0, 255).round().astype(np.uint8), lr, 4, window) > 2 * real_level
+
+
+def test_artifact_refuses_mismatched_or_tiny_images():
+    hr, lr = _photo_pair()
+    with pytest.raises(ValueError, match="is not 4x the LR"):
+        metrics.subpixel_artifact(hr[:-4], lr, 4, metrics.ARTIFACT_WINDOW)
+    with pytest.raises(ValueError, match="smaller than one 64-px window"):
+        metrics.subpixel_artifact(hr[:32, :32], lr[:8, :8], 4, metrics.ARTIFACT_WINDOW)
+
+
+# -- discriminator health -----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(losses.ADVERSARIAL))
+def test_d_health_separating_and_chance_outputs(name):
+    """Constructed D outputs in each objective's own units: a D that separates scores high, one
+    that outputs the same distribution for real and fake sits at chance."""
+    rng = np.random.default_rng(1)
+    verdict = losses.ADVERSARIAL[name].verdict
+    # a separating D: real above its decision point, fake below (logits, LS targets and critics alike)
+    real, fake = rng.normal(1.5, 0.5, 400), rng.normal(-1.0, 0.5, 400)
+    if name == "least_squares":  # regression onto 1 / 0
+        real, fake = rng.normal(0.9, 0.15, 400), rng.normal(0.1, 0.15, 400)
+    good = metrics.d_health(real, fake, verdict)
+    assert good["d_acc"] > 0.9 and good["d_auc"] > 0.95 and good["d_gap"] > 0
+    same = rng.normal(0.3, 1.0, 800)
+    chance = metrics.d_health(same[:400], same[400:], verdict)
+    assert abs(chance["d_auc"] - 0.5) < 0.06 and abs(chance["d_gap"]) < 0.2
+    if name != "least_squares":  # LS's decision point is 1/2, not the mean: a shifted D is biased, not good
+        assert abs(chance["d_acc"] - 0.5) < 0.06
+    assert chance["d_acc"] < metrics.D_SEPARATES <= good["d_acc"]
+
+
+def test_d_health_of_a_critic_ignores_its_level():
+    """A Wasserstein critic has no absolute level: shifting both outputs changes nothing."""
+    verdict = losses.ADVERSARIAL["wasserstein_gp"].verdict
+    real, fake = np.array([3.0, 4.0, 5.0]), np.array([1.0, 2.0, 4.5])
+    a, b = metrics.d_health(real, fake, verdict), metrics.d_health(real + 100, fake + 100, verdict)
+    assert a == b and a["d_acc"] == a["d_auc"] == pytest.approx(7 / 9) and a["d_gap"] == pytest.approx(1.5)
+
+
+def test_d_health_probability_family_is_in_probability_units():
+    verdict = losses.ADVERSARIAL["modified"].verdict
+    h = metrics.d_health(np.array([0.0]), np.array([0.0]), verdict)
+    assert h["d_gap"] == 0.0 and h["d_auc"] == 0.5
+    h = metrics.d_health(np.array([50.0]), np.array([-50.0]), verdict)  # saturated: no overflow
+    assert h["d_gap"] == pytest.approx(1.0) and h["d_acc"] == 1.0
+
+
+# -- the registry -------------------------------------------------------------------------------------
+def test_registry_entries_are_complete_and_named_once():
+    for name, m in metrics.REGISTRY.items():
+        assert m.name == name and m.label and m.digits >= 0
+        assert (m.score is None) == (m.kind == metrics.DISCRIMINATOR), name
+    assert metrics.get("eval/valid/niqe") is metrics.REGISTRY["niqe"] and metrics.get("val_psnr_y").name == "psnr_y"
+    assert not metrics.higher_is_better("eval/valid/niqe") and metrics.higher_is_better("val_ssim_y")
+    with pytest.raises(KeyError, match="unknown metric 'nope'; registered: psnr_y"):
+        metrics.get("nope")
+    with pytest.raises(ValueError, match="registered twice"):
+        metrics.register(metrics.REGISTRY["psnr_y"])
+
+
+def test_a_new_metric_is_one_entry(monkeypatch, tmp_path):
+    """Registering a metric puts it into every scorer, the evaluate stage's metrics.json and the report."""
+    from srgan import evaluate, report
+
+    monkeypatch.setattr(metrics, "REGISTRY", dict(metrics.REGISTRY))
+    metrics.register(metrics.Metric("mean_level", "mean level", None, 1, metrics.NO_REFERENCE,
+                                    lambda img, ref, scale, _: float(np.mean(img))))
+    hr, lr = _photo_pair()
+    for sub, img in (("hr", hr), ("lr", lr)):
+        images.save_png(tmp_path / "set" / sub / "astronaut.png", img)
+    scorer = metrics.Scorer(4)
+    assert "mean_level" in scorer.names and "niqe" not in scorer.names  # NIQE needs its model
+    summary, rows = evaluate.evaluate_sets({"bicubic": images.upscale_bicubic}, {"set": tmp_path / "set"},
+                                           scorer, tmp_path / "eval", zoom=32)
+    assert summary["set"]["hr"]["mean_level"] == pytest.approx(float(np.mean(hr)))
+    assert rows[0]["bicubic_mean_level"] > 0
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "metrics.json").write_text(__import__("json").dumps(summary))
+    assert "<th>mean level</th>" in report.build(tmp_path / "reports").read_text()

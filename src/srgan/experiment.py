@@ -17,10 +17,10 @@ import numpy as np
 from . import dataio, distribute, tracking
 from .config import Config
 from .dataio import HISTORY_NAME, SUMMARY_NAME
-from .trainer import PHASE_PARAMS, Callback, Phase, TrainData, TrainResult, TrainState, train, training_digest
+from .trainer import (PHASE_PARAMS, Callback, Phase, TrainData, TrainResult, TrainState, d_health_warning, train,
+                      training_digest)
 
 log = logging.getLogger(__name__)
-
 
 
 def phase_params(cfg: Config, phase: Phase) -> dict[str, Any]:
@@ -149,6 +149,9 @@ def run_training(
         trainer, result = train(cfg, phase, data, state, cbs, init_generator=init_generator, data_offset=data_offset)
         summary = {**baseline, **result.val, "train_seconds_this_session": time.time() - started,
                    "total_steps": result.total_steps, "resumed_from": result.resumed_from}
+        if warning := d_health_warning(result.val):
+            summary["d_health_warning"] = warning
+            run.set_tags({"d_health": "at chance", "d_health.warning": warning})
         run.log_metrics({"total_steps": result.total_steps}, step=result.step)  # for compare.py
         if model_path is not None:
             trainer.export_generator(model_path)

@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from srgan.config import ADV_LOSSES, LossConfig, VggConfig
+from srgan.metrics import ranking_accuracy
 
 # --------------------------------------------------------------------------- pixel
 
@@ -175,11 +176,47 @@ def _ragan_g(real, fake):
     return _bce(fake - ops.mean(real), 1.0) + _bce(real - ops.mean(fake), 0.0)
 
 
+# --- D's verdict in each objective's own terms (numpy; the held-out D-health metrics use these):
+# (accuracy, gap) of D's outputs on real and on fake images.
+def _sigmoid_np(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # = 1 / (1 + exp(-x)), without overflow
+
+
+def _probability_verdict(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
+    # the sigmoid family: D's probability that an input is real, decided at 1/2
+    p_real, p_fake = _sigmoid_np(real), _sigmoid_np(fake)
+    return 0.5 * (np.mean(p_real > 0.5) + np.mean(p_fake < 0.5)), float(p_real.mean() - p_fake.mean())
+
+
+def _least_squares_verdict(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
+    # regression onto the targets 1 (real) and 0 (fake): the nearer target is D's verdict
+    return 0.5 * (np.mean(real > 0.5) + np.mean(fake < 0.5)), float(real.mean() - fake.mean())
+
+
+def _margin_verdict(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
+    # hinge: the margins sit at +1 / -1, so the sign is the verdict
+    return 0.5 * (np.mean(real > 0) + np.mean(fake < 0)), float(real.mean() - fake.mean())
+
+
+def _critic_verdict(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
+    # a Wasserstein critic has no absolute level (only differences count): the share of
+    # (real, fake) pairs it orders correctly, and its estimate of the distance (the critic gap)
+    return ranking_accuracy(real, fake), float(real.mean() - fake.mean())
+
+
+def _relativistic_verdict(real: np.ndarray, fake: np.ndarray) -> tuple[float, float]:
+    # RaGAN: "is this real more realistic than the average fake?" (and vice versa)
+    acc = 0.5 * (np.mean(real > fake.mean()) + np.mean(fake < real.mean()))
+    return acc, float(_sigmoid_np(real - fake.mean()).mean() - _sigmoid_np(fake - real.mean()).mean())
+
+
 @dataclass(frozen=True)
 class AdvLoss:
     """One adversarial loss: D and G losses on raw logits, scalar means over the batch.
 
     ``d_loss(real_logits, fake_logits, label_smoothing=0.0)``, ``g_loss(real_logits, fake_logits)``.
+    ``verdict(real, fake) -> (accuracy, gap)``: D's separation of numpy outputs in the objective's
+    own terms (probability, target, margin, critic or relativistic), for the D-health metrics.
     ``needs_gradient_penalty``: the trainer must add ``gp_weight * gradient_penalty(...)`` to D's
     loss. ``uses_label_smoothing``: whether d_loss honours label_smoothing (others ignore it).
     """
@@ -187,17 +224,19 @@ class AdvLoss:
     name: str
     d_loss: Callable[..., Any]
     g_loss: Callable[[Any, Any], Any]
+    verdict: Callable[[np.ndarray, np.ndarray], tuple[float, float]]
     needs_gradient_penalty: bool = False
     uses_label_smoothing: bool = False
 
 
 ADVERSARIAL: dict[str, AdvLoss] = {
-    "minimax": AdvLoss("minimax", _minimax_d, _minimax_g, uses_label_smoothing=True),
-    "modified": AdvLoss("modified", _minimax_d, _modified_g, uses_label_smoothing=True),
-    "least_squares": AdvLoss("least_squares", _least_squares_d, _least_squares_g),
-    "wasserstein_gp": AdvLoss("wasserstein_gp", _wasserstein_d, _critic_g, needs_gradient_penalty=True),
-    "hinge": AdvLoss("hinge", _hinge_d, _critic_g),
-    "relativistic_average": AdvLoss("relativistic_average", _ragan_d, _ragan_g),
+    "minimax": AdvLoss("minimax", _minimax_d, _minimax_g, _probability_verdict, uses_label_smoothing=True),
+    "modified": AdvLoss("modified", _minimax_d, _modified_g, _probability_verdict, uses_label_smoothing=True),
+    "least_squares": AdvLoss("least_squares", _least_squares_d, _least_squares_g, _least_squares_verdict),
+    "wasserstein_gp": AdvLoss("wasserstein_gp", _wasserstein_d, _critic_g, _critic_verdict,
+                              needs_gradient_penalty=True),
+    "hinge": AdvLoss("hinge", _hinge_d, _critic_g, _margin_verdict),
+    "relativistic_average": AdvLoss("relativistic_average", _ragan_d, _ragan_g, _relativistic_verdict),
 }
 # The table and the config's allowed names must never drift apart.
 assert tuple(ADVERSARIAL) == ADV_LOSSES, (tuple(ADVERSARIAL), ADV_LOSSES)

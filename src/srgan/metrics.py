@@ -12,21 +12,32 @@ Convention (Ledig et al. 2017, BasicSR ``calculate_psnr`` / ``calculate_ssim`` w
   image), which is what BasicSR's ``filter2D(...)[5:-5, 5:-5]`` and scikit-image's
   ``crop(S, (win_size - 1) // 2)`` both do.
 
+One registry (:data:`REGISTRY`) names every metric the project reports: its function, direction,
+label and format. The evaluate stage, training-time validation, tuning, the study and the reports
+all read it, and :class:`Scorer` is the one scoring path of validation and evaluation alike, so a
+new metric is one :func:`register` call (and its test).
+
 No TensorFlow here on purpose: evaluation, reports and tests import this cheaply.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 DATA_RANGE = 255.0
-LOWER_IS_BETTER = frozenset({"niqe"})  # metrics where a smaller value is better (the rest: larger)
 
 # ITU-R BT.601 "studio swing" luma for RGB in [0, 1] (the MATLAB rgb2ycbcr row).
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64)
@@ -158,19 +169,208 @@ def ssim_y(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
     return ssim_gray(rgb_to_y(sr), rgb_to_y(hr))
 
 
-def evaluate_pair(sr: np.ndarray, hr: np.ndarray, scale: int) -> dict[str, float]:
-    """All metrics of one SR/HR uint8 pair with border = ``scale``.
+def subpixel_artifact(img: np.ndarray, lr: np.ndarray, scale: int, window: int) -> float:
+    """RMS (8-bit Y levels) of the ``scale``-periodic pattern in ``img`` minus the bicubic upscale of
+    ``lr``: the sub-pixel checkerboard of a pixel-shuffle upsampler (Odena et al. 2016).
 
-    Returns ``{"psnr_y", "ssim_y", "psnr_rgb"}``; PSNR is ``inf`` for identical images
-    (callers writing JSON must handle it).
+    In every ``window`` x ``window`` LR block the residual is averaged over each of the scale x scale
+    sub-pixel positions; what varies between the positions (the block's mean taken off) is the
+    periodic pattern. Real detail averages out over a block; a lattice-locked pattern does not.
+    The HR image scores its own level (its detail's leakage into the average), which is the level
+    to compare with: an SR output above it adds a pattern that real images do not have.
     """
-    return {
-        "psnr_y": psnr_y(sr, hr, scale),
-        "ssim_y": ssim_y(sr, hr, scale),
-        "psnr_rgb": psnr_rgb(sr, hr, scale),
-    }
+    from .images import upscale_bicubic
+
+    img, lr = np.asarray(img), np.asarray(lr)
+    if img.dtype != np.uint8 or lr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images, got {img.dtype} and {lr.dtype}")
+    if img.shape[:2] != (lr.shape[0] * scale, lr.shape[1] * scale):
+        raise ValueError(f"image {img.shape[:2]} is not {scale}x the LR {lr.shape[:2]}")
+    side = window * scale
+    h, w = (img.shape[0] // side) * side, (img.shape[1] // side) * side
+    if not h or not w:
+        raise ValueError(f"image {img.shape[1]}x{img.shape[0]} is smaller than one {side}-px window")
+    resid = rgb_to_y(img[:h, :w]) - rgb_to_y(upscale_bicubic(lr, scale)[:h, :w])
+    blocks = resid.reshape(h // side, window, scale, w // side, window, scale)
+    pattern = blocks.mean(axis=(1, 4))  # (rows, scale, cols, scale): each block's sub-pixel means
+    pattern = pattern - pattern.mean(axis=(1, 3), keepdims=True)
+    return float(np.sqrt(np.mean(pattern**2)))
 
 
-def higher_is_better(metric: str) -> bool:
-    """Direction of a metric by its name or a logged key ending in it (``eval/valid/niqe``)."""
-    return metric.rsplit("/", 1)[-1] not in LOWER_IS_BETTER
+def mean_scores(rows: Sequence[Mapping[str, float | None]]) -> dict[str, float]:
+    """Mean of every metric over the rows that have it (NIQE is missing for images too small)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
+
+
+def ranking_accuracy(real: np.ndarray, fake: np.ndarray) -> float:
+    """Share of (real, fake) pairs that D scores real above fake (ties count half): the ROC AUC,
+    the same threshold-free separation for every objective."""
+    real, fake = np.ravel(real)[:, None], np.ravel(fake)[None, :]
+    return float(np.mean((real > fake) + 0.5 * (real == fake)))
+
+
+def d_health(real: np.ndarray, fake: np.ndarray,
+             verdict: Callable[[np.ndarray, np.ndarray], tuple[float, float]]) -> dict[str, float]:
+    """How well a discriminator separates held-out real images from the generator's output.
+
+    ``real``/``fake``: D's raw outputs; ``verdict``: the objective's own decision rule
+    (``losses.AdvLoss.verdict``). Returns ``d_acc`` (balanced accuracy under that rule), ``d_auc``
+    (threshold-free: share of real/fake pairs ordered right, 0.5 = chance) and ``d_gap`` (mean real
+    minus mean fake output in the objective's own units).
+    """
+    real, fake = np.ravel(np.asarray(real, np.float64)), np.ravel(np.asarray(fake, np.float64))
+    acc, gap = verdict(real, fake)
+    return {"d_acc": float(acc), "d_auc": ranking_accuracy(real, fake), "d_gap": float(gap)}
+
+
+# --------------------------------------------------------------------------- the registry
+FULL_REFERENCE = "full_reference"  # compares the output with the HR image
+NO_REFERENCE = "no_reference"  # judges an image alone (also the HR image itself: the "hr" row)
+DISCRIMINATOR = "discriminator"  # the adversarial phase's D on held-out images (training only)
+
+ARTIFACT_WINDOW = 16  # LR px per side of the blocks the sub-pixel pattern is averaged in
+D_SEPARATES = 0.75  # held-out D accuracy from which D counts as telling real from fake
+
+
+class Reference(Protocol):
+    """What an image metric may compare with: the HR image and the LR input it was made from."""
+
+    hr: np.ndarray
+    lr: np.ndarray
+
+
+ScoreFn = Callable[[np.ndarray, Reference, int, "Scorer"], "float | None"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One registered metric: how it is computed, which way is better, how it is shown."""
+
+    name: str
+    label: str
+    higher_is_better: bool | None  # None: a diagnostic, neither way is better
+    digits: int
+    kind: str  # FULL_REFERENCE | NO_REFERENCE | DISCRIMINATOR
+    score: ScoreFn | None = None  # image metrics: (output uint8, reference, scale, scorer) -> value
+    needs: str | None = None  # a Scorer attribute that must be set (e.g. the NIQE model)
+    headline: bool = True  # in the reports' tables and the study's statistics
+    note: str = ""
+
+    def format(self, value: float | None) -> str:
+        return "" if value is None or not isinstance(value, (int, float)) else f"{value:.{self.digits}f}"
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether ``a`` is better than ``b`` (False for diagnostics)."""
+        if self.higher_is_better is None:
+            return False
+        return a > b if self.higher_is_better else a < b
+
+
+REGISTRY: dict[str, Metric] = {}
+
+
+def register(metric: Metric) -> Metric:
+    """Add a metric to the registry (its order is the reports' column order)."""
+    if metric.name in REGISTRY:
+        raise ValueError(f"metric {metric.name!r} is registered twice")
+    if metric.kind not in (FULL_REFERENCE, NO_REFERENCE, DISCRIMINATOR):
+        raise ValueError(f"metric {metric.name!r}: unknown kind {metric.kind!r}")
+    REGISTRY[metric.name] = metric
+    return metric
+
+
+def get(key: str) -> Metric:
+    """The metric of a name or of a logged key ending in it (``eval/valid/niqe``, ``val_niqe``)."""
+    name = key.rsplit("/", 1)[-1].removeprefix("val_")
+    if name not in REGISTRY:
+        raise KeyError(f"unknown metric {key!r}; registered: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def higher_is_better(key: str) -> bool:
+    """Direction of a metric by its name or a logged key ending in it (unregistered: higher)."""
+    try:
+        return get(key).higher_is_better is not False
+    except KeyError:
+        return True
+
+
+def image_metrics(headline_only: bool = False) -> list[Metric]:
+    """The registered metrics of an image (full- and no-reference), in report order."""
+    return [m for m in REGISTRY.values() if m.kind != DISCRIMINATOR and (m.headline or not headline_only)]
+
+
+class Scorer:
+    """Every registered image metric of one evaluation setting, its resources loaded once.
+
+    Validation during training and the evaluate stage both score through this, so their figures
+    are the same function of the same images. ``niqe_model``: None leaves NIQE out.
+    """
+
+    def __init__(self, scale: int, niqe_model: Any = None):
+        self.scale, self.niqe_model = scale, niqe_model
+        self.metrics = [m for m in image_metrics() if m.needs is None or getattr(self, m.needs) is not None]
+
+    @classmethod
+    def from_config(cls, ev: Any, scale: int, niqe_dir: Path | None = None) -> Scorer:
+        """The scorer of an ``evaluate`` config section; NIQE's model per ``evaluate.niqe`` (the
+        MATLAB model from the installed wheel, else ``niqe_dir``; never downloaded here)."""
+        from . import niqe  # noqa: PLC0415 - niqe imports this module
+
+        model = None if ev.niqe == "none" else niqe.load_model(ev.niqe, cache_dir=niqe_dir, download=False)
+        return cls(scale, model)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.metrics]
+
+    def score(self, img: np.ndarray, ref: Reference) -> dict[str, float | None]:
+        """Every metric of one output (uint8 HxWx3) against its reference."""
+        return {m.name: m.score(img, ref, self.scale, self) for m in self.metrics}
+
+    def score_hr(self, ref: Reference) -> dict[str, float | None]:
+        """The no-reference metrics of the HR image itself (the level real images have)."""
+        return {m.name: m.score(ref.hr, ref, self.scale, self) for m in self.metrics if m.kind == NO_REFERENCE}
+
+
+def _niqe(img: np.ndarray, ref: Reference, scale: int, scorer: Scorer) -> float | None:
+    from . import niqe  # noqa: PLC0415 - niqe imports this module
+
+    try:
+        return niqe.niqe(img, scorer.niqe_model, border=scale)
+    except niqe.NiqeError as exc:  # too small for NIQE's 96-px patches: no score, not a failure
+        log.warning("NIQE skipped: %s", exc)
+        return None
+
+
+def _artifact(img: np.ndarray, ref: Reference, scale: int, scorer: Scorer) -> float | None:
+    try:
+        return subpixel_artifact(img, ref.lr, scale, ARTIFACT_WINDOW)
+    except ValueError as exc:  # smaller than one window
+        log.warning("artifact score skipped: %s", exc)
+        return None
+
+
+register(Metric("psnr_y", "PSNR-Y (dB)", True, 2, FULL_REFERENCE,
+                lambda img, ref, scale, _: psnr_y(img, ref.hr, scale)))
+register(Metric("ssim_y", "SSIM-Y", True, 4, FULL_REFERENCE,
+                lambda img, ref, scale, _: ssim_y(img, ref.hr, scale)))
+register(Metric("psnr_rgb", "PSNR-RGB (dB)", True, 2, FULL_REFERENCE,
+                lambda img, ref, scale, _: psnr_rgb(img, ref.hr, scale), headline=False))
+register(Metric("niqe", "NIQE", False, 2, NO_REFERENCE, _niqe, needs="niqe_model",
+                note="no-reference naturalness (Mittal et al. 2013); lower is better"))
+register(Metric("artifact", "sub-pixel artifact", False, 3, NO_REFERENCE, _artifact,
+                note=f"RMS of the x-scale periodic pattern over bicubic, Y levels in {ARTIFACT_WINDOW}-LR-px "
+                     "blocks; HR's own level is the reference"))
+register(Metric("d_acc", "D accuracy", None, 3, DISCRIMINATOR,
+                note=f"held-out real vs generated patches, the objective's own decision rule; "
+                     f">= {D_SEPARATES} counts as separating"))
+register(Metric("d_auc", "D AUC", None, 3, DISCRIMINATOR, note="share of real/fake pairs ordered right; 0.5 = chance"))
+register(Metric("d_gap", "D output gap", None, 3, DISCRIMINATOR,
+                note="mean real minus mean fake output, in the objective's units"))

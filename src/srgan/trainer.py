@@ -45,6 +45,7 @@ PHASE_PARAMS: dict[str, tuple[str, ...]] = {
 }
 # Read by the phase but irrelevant to its weights: never a reason to discard a checkpoint.
 _NOT_IN_DIGEST = ("evaluate", "tracking")
+HEALTH_PATCHES = 32  # held-out patches per validation image on which D's health is measured
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,12 +67,11 @@ class TrainData:
 
     def baseline(self, scale: int) -> dict[str, float]:
         """Bicubic PSNR-Y/SSIM-Y of the validation images, computed once per process."""
-        from . import evaluate
+        from . import evaluate, metrics
 
         if scale not in self._baselines:
-            self._baselines[scale] = {f"bicubic_{k}": v for k, v in
-                                      evaluate.mean_scores(evaluate.bicubic_scores(self.valid, scale)).items()
-                                      if k in ("psnr_y", "ssim_y")}
+            means = metrics.mean_scores(evaluate.bicubic_scores(self.valid, metrics.Scorer(scale)))
+            self._baselines[scale] = {f"bicubic_{k}": means[k] for k in ("psnr_y", "ssim_y")}
         return self._baselines[scale]
 
     @classmethod
@@ -137,17 +137,19 @@ def prepare_runtime(cfg: Config, phase: Phase = "pretrain") -> dict[str, str]:
     return {"precision": policy, "precision.reason": why}
 
 
-def lr_schedule(phase: PhaseConfig) -> Any:
-    """Keras learning-rate schedule of one phase (its optimizer counts the phase's steps)."""
+def lr_schedule(phase: PhaseConfig, lr: float | None = None) -> Any:
+    """Keras learning-rate schedule of one phase (its optimizer counts the phase's steps), starting
+    at ``lr`` (default: the phase's ``lr``; the adversarial phase's D starts at ``gan.d_lr``)."""
     import keras
 
+    lr = phase.lr if lr is None else lr
     if phase.lr_schedule == "constant" or phase.steps == 0:
-        return phase.lr
+        return lr
     if phase.lr_schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(phase.lr, decay_steps=max(phase.steps, 1))
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(phase.steps, 1))
     every = phase.lr_decay_every or max(phase.steps // 2, 1)
     return keras.optimizers.schedules.ExponentialDecay(
-        phase.lr, decay_steps=every, decay_rate=phase.lr_decay_factor, staircase=True
+        lr, decay_steps=every, decay_rate=phase.lr_decay_factor, staircase=True
     )
 
 
@@ -179,26 +181,29 @@ class Trainer:
         if t.jit_compile and self.replicas > 1:  # train.distribute: auto chose to mirror (config can't know)
             raise ValueError(f"train.jit_compile: true does not work with {self.replicas} replicas "
                              f"(train.distribute: {t.distribute}): {JIT_DISTRIBUTED_WHY['mirrored']}")
-        self.adv = losses.ADVERSARIAL[cfg.adv.loss]
+        # None: the control arm (adv.loss: none), the same phase without an adversarial term or D
+        self.adv = losses.ADVERSARIAL.get(cfg.adv.loss)
         self.D = self.vgg = None
         with self.strategy.scope():
             self.G = models.build_generator(cfg.model.generator, self.scale)
             objects: dict[str, Any] = {"generator": self.G}
             if phase == "gan":
-                dcfg = cfg.model.discriminator
-                if self.adv.needs_gradient_penalty and dcfg.batch_norm:
-                    # BN mixes samples, so the per-sample gradient penalty is ill-defined (Gulrajani et
-                    # al. 2017 drop it from the critic): build the critic without BN for this loss.
-                    log.warning("adv.loss=%s: discriminator built without batch norm", cfg.adv.loss)
-                    dcfg = dcfg.model_copy(update={"batch_norm": False})
-                self.D = models.build_discriminator(dcfg, t.hr_patch)
                 self.vgg = losses.build_vgg_extractor(cfg.vgg, cfg.seed) if cfg.loss.w_vgg > 0 else None
                 self.opt_g = keras.optimizers.Adam(lr_schedule(cfg.gan), beta_1=t.adam_beta1)
-                self.opt_d = keras.optimizers.Adam(lr_schedule(cfg.gan), beta_1=t.adam_beta1)
                 self.opt_g.build(self.G.trainable_variables)
-                self.opt_d.build(self.D.trainable_variables)
-                self.gp_rng = tf.random.Generator.from_seed(cfg.gan.seed)
-                objects.update(discriminator=self.D, opt_g=self.opt_g, opt_d=self.opt_d, gp_rng=self.gp_rng)
+                objects["opt_g"] = self.opt_g
+                if self.adv is not None:
+                    dcfg = cfg.model.discriminator
+                    if self.adv.needs_gradient_penalty and dcfg.batch_norm:
+                        # BN mixes samples, so the per-sample gradient penalty is ill-defined (Gulrajani et
+                        # al. 2017 drop it from the critic): build the critic without BN for this loss.
+                        log.warning("adv.loss=%s: discriminator built without batch norm", cfg.adv.loss)
+                        dcfg = dcfg.model_copy(update={"batch_norm": False})
+                    self.D = models.build_discriminator(dcfg, t.hr_patch)
+                    self.opt_d = keras.optimizers.Adam(lr_schedule(cfg.gan, cfg.gan.d_lr), beta_1=t.adam_beta1)
+                    self.opt_d.build(self.D.trainable_variables)
+                    self.gp_rng = tf.random.Generator.from_seed(cfg.gan.seed)
+                    objects.update(discriminator=self.D, opt_d=self.opt_d, gp_rng=self.gp_rng)
             else:
                 self.opt_pre = keras.optimizers.Adam(lr_schedule(cfg.pretrain), beta_1=t.adam_beta1)
                 self.opt_pre.build(self.G.trainable_variables)
@@ -209,7 +214,8 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(step=self.step, **objects)
         if phase == "gan":
             self.gan_step = self._compile(self._gan_replica)
-            self.d_step = self._compile(self._d_replica)
+            # a D-only update (the benchmark times it); the control arm has no D to update
+            self.d_step = self._compile(self._d_replica) if self.D is not None else None
         else:
             self.pretrain_step = self._compile(self._pretrain_replica)
 
@@ -285,30 +291,32 @@ class Trainer:
         from . import losses
 
         cfg, inv = self.cfg, 1.0 / self.replicas
+        out: dict[str, Any] = {}
         with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
             sr = tf.cast(self.G(lr, training=True), tf.float32)
-            real = tf.cast(self.D(hr, training=True), tf.float32)
-            fake = tf.cast(self.D(sr, training=True), tf.float32)
-            d_total, gp = self._d_losses(real, fake, hr, sr)
-            d_total = d_total * inv
-            parts = {"mse": losses.pixel_mse(hr, sr), "adv": self.adv.g_loss(real, fake)}
+            parts = {"mse": losses.pixel_mse(hr, sr)}
             if cfg.loss.w_l1 > 0:
                 parts["l1"] = losses.pixel_l1(hr, sr)
             parts["vgg"] = (
                 losses.vgg_loss(self.vgg, hr, sr, cfg.vgg.feature_scale) if self.vgg is not None else tf.constant(0.0)
             )
+            if self.D is not None:
+                real = tf.cast(self.D(hr, training=True), tf.float32)
+                fake = tf.cast(self.D(sr, training=True), tf.float32)
+                d_total, gp = self._d_losses(real, fake, hr, sr)
+                d_total = d_total * inv
+                parts["adv"] = self.adv.g_loss(real, fake)
+                out = {"d_loss": d_total, "d_gp": gp * inv,
+                       # D's belief that real / fake are real, as in TF-GAN's summaries
+                       "d_real": tf.reduce_mean(tf.sigmoid(real)) * inv,
+                       "d_fake": tf.reduce_mean(tf.sigmoid(fake)) * inv}
             g_total = losses.per_pix_loss(parts, cfg.loss) * inv
         g_grads = g_tape.gradient(g_total, self.G.trainable_variables)
-        d_grads = d_tape.gradient(d_total, self.D.trainable_variables)
-        self.opt_d.apply_gradients(zip(d_grads, self.D.trainable_variables))
+        if self.D is not None:
+            d_grads = d_tape.gradient(d_total, self.D.trainable_variables)
+            self.opt_d.apply_gradients(zip(d_grads, self.D.trainable_variables))
         self.opt_g.apply_gradients(zip(g_grads, self.G.trainable_variables))
-        return {
-            **({"g_l1": parts["l1"] * inv} if "l1" in parts else {}),
-            "g_total": g_total, "g_mse": parts["mse"] * inv, "g_vgg": parts["vgg"] * inv,
-            "g_adv": parts["adv"] * inv, "d_loss": d_total, "d_gp": gp * inv,
-            # D's belief that real / fake are real, as in TF-GAN's summaries
-            "d_real": tf.reduce_mean(tf.sigmoid(real)) * inv, "d_fake": tf.reduce_mean(tf.sigmoid(fake)) * inv,
-        }
+        return {"g_total": g_total, **{f"g_{k}": v * inv for k, v in parts.items()}, **out}
 
     # -- generator in and out ------------------------------------------------------------------
     def load_generator_weights(self, path: Path) -> None:
@@ -331,35 +339,58 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self, pairs: Sequence[Pair]) -> tuple[dict[str, float], np.ndarray | None]:
-        """Mean PSNR-Y/SSIM-Y/PSNR-RGB (and NIQE, ``evaluate.niqe``) of the generator on ``pairs``,
-        and the first image's grid."""
-        from . import evaluate, images, inference, viz
+        """Every registered image metric of the generator on ``pairs`` (the evaluate stage's scorer),
+        D's health on held-out patches of them (adversarial phase), and the first image's grid."""
+        from . import images, inference, metrics, viz
 
         ev = self.cfg.evaluate
-        rows, grid = [], None
+        rows, outputs, grid = [], [], None
         for i, p in enumerate(pairs):
             sr = inference.upscale(self.G, p.lr, self.scale, tile=ev.tile, overlap=ev.tile_overlap)
-            row: dict[str, float | None] = dict(evaluate.score_pair(sr, p.hr, self.scale))
-            if self._niqe() is not None:
-                row["niqe"] = evaluate.niqe_score(sr, self._niqe(), self.scale)
-            rows.append(row)
+            rows.append(self._scorer().score(sr, p))
+            outputs.append(sr)
             if i == 0:
                 grid = viz.image_grid(p.lr, images.upscale_bicubic(p.lr, self.scale), sr, p.hr)
-        means = evaluate.mean_scores(rows)
-        return {f"val_{k}": v for k, v in means.items()}, grid
+        val = metrics.mean_scores(rows)
+        if self.D is not None:
+            val.update(self.d_health(pairs, outputs))
+        return {f"val_{k}": v for k, v in val.items()}, grid
 
-    def _niqe(self) -> Any:
-        """The NIQE model for validation, loaded once; None when off or not available offline."""
-        if not hasattr(self, "_niqe_model"):
-            from . import evaluate, niqe
+    def d_health(self, pairs: Sequence[Pair], outputs: Sequence[np.ndarray]) -> dict[str, float]:
+        """D on real HR patches of held-out images and on the generator's 8-bit output at the same
+        places (``metrics.d_health``: accuracy, AUC and gap in the objective's own terms)."""
+        from . import metrics
+
+        p, s = self.cfg.train.hr_patch, self.scale
+        real, fake = [], []
+        for i, (pair, sr) in enumerate(zip(pairs, outputs)):
+            h, w = pair.hr.shape[:2]
+            if h < p or w < p:
+                continue
+            rng = np.random.default_rng(i)  # the same places at every validation of every run
+            for _ in range(HEALTH_PATCHES):
+                y, x = (int(rng.integers(0, (n - p) // s + 1)) * s for n in (h, w))
+                real.append(pair.hr[y:y + p, x:x + p])
+                fake.append(sr[y:y + p, x:x + p])
+        if not real:
+            return {}
+        real_out, fake_out = (np.asarray(self.D(np.stack(a).astype("float32") / 255.0, training=False), np.float64)
+                              for a in (real, fake))
+        return metrics.d_health(real_out, fake_out, self.adv.verdict)
+
+    def _scorer(self) -> Any:
+        """The evaluate stage's scorer (NIQE model loaded once); without NIQE when none is available."""
+        if not hasattr(self, "_scorer_cache"):
+            from . import metrics, niqe
             from .config import shared_root
 
             try:
-                self._niqe_model = evaluate.load_niqe(self.cfg.evaluate, shared_root() / "data" / "downloads")
+                self._scorer_cache = metrics.Scorer.from_config(self.cfg.evaluate, self.scale,
+                                                                shared_root() / "data" / "downloads")
             except niqe.NiqeError as exc:
                 log.warning("validation without NIQE: %s", exc)
-                self._niqe_model = None
-        return self._niqe_model
+                self._scorer_cache = metrics.Scorer(self.scale)
+        return self._scorer_cache
 
 
 # --------------------------------------------------------------------------- resumable state
@@ -630,12 +661,18 @@ def train(
         result.val, grid = trainer.validate(data.valid)
         for cb in callbacks:
             cb.on_validation(total, result.val, grid)
+    if (warning := d_health_warning(result.val)) is not None:
+        log.warning(warning)
     return trainer, result
 
 
-def summarize(history: list[dict[str, Any]]) -> dict[str, float]:
-    """Last logged value of every series (for reports)."""
-    out: dict[str, float] = {}
-    for row in history:
-        out.update({k: v for k, v in row.items() if k != "step"})
-    return out
+def d_health_warning(val: dict[str, float]) -> str | None:
+    """What to say when the adversarial phase ended with a D that cannot tell real from fake."""
+    from .metrics import D_SEPARATES
+
+    acc = val.get("val_d_acc")
+    if acc is None or acc >= D_SEPARATES:
+        return None
+    return (f"the discriminator ended at held-out accuracy {acc:.2f} (< {D_SEPARATES}; 0.5 is chance): it barely "
+            "tells real from generated images, so the adversarial term had little to teach. Train longer "
+            "(gan.steps), give D its own rate (gan.d_lr) or weigh the term more (loss.w_adv).")

@@ -17,14 +17,27 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, tracking
-from .config import ROOT, Config, edit_params, replace
+from .config import ROOT, Config, ConfigError, edit_params, replace
 from .dataio import write_text_atomic
 from .trainer import Callback, NonFiniteLossError, TrainData
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = ROOT / "optuna" / "journal.log"
-OBJECTIVE_KEYS = {"psnr_y": "val_psnr_y", "ssim_y": "val_ssim_y", "niqe": "val_niqe"}
+
+
+def objective_key(name: str) -> str:
+    """The validation metric a tuning objective reads (a registered metric, as training logs it)."""
+    return f"val_{metrics.get(name).name}"
+
+
+def check_objectives(cfg: Config) -> None:
+    """``tune.objectives`` must name registered image metrics that have a direction."""
+    allowed = [m.name for m in metrics.image_metrics() if m.higher_is_better is not None]
+    for name in cfg.tune.objectives:
+        if name not in allowed:
+            raise ConfigError(f"tune.objectives: {name!r} is not a metric tuning can optimise; "
+                              f"allowed: {', '.join(allowed)}")
 
 
 def make_storage(url: str | None):
@@ -90,6 +103,7 @@ def open_study(cfg: Config, study_name: str, storage_url: str | None, seed: int 
     """Create or load the study (same name and storage -> the same study, resumed)."""
     import optuna
 
+    check_objectives(cfg)
     return optuna.create_study(
         study_name=study_name, storage=make_storage(storage_url), load_if_exists=True,
         directions=directions(cfg), sampler=make_sampler(cfg, seed), pruner=make_pruner(cfg),
@@ -129,7 +143,7 @@ class PruningCallback(Callback):
 
         if len(self.objectives) != 1:
             return
-        key = OBJECTIVE_KEYS[self.objectives[0]]
+        key = objective_key(self.objectives[0])
         self.trial.report(metrics[key], step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} ({key} {metrics[key]:.3f})")
@@ -215,7 +229,7 @@ def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srre
             trial.set_user_attr("fail_reason", str(exc))
             raise
         trial.set_user_attr("mlflow_run_id", run_id)
-        values = [result.val[OBJECTIVE_KEYS[o]] for o in cfg.tune.objectives]
+        values = [result.val[objective_key(o)] for o in cfg.tune.objectives]
         return values[0] if single else values
 
     return objective
