@@ -101,6 +101,28 @@ def test_generator_zero_last_conv_equals_bicubic():
     np.testing.assert_allclose(g(x), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_resize_upsampler_keeps_flat_regions_flat(scale, tmp_path):
+    """Resize-convolution: every sub-pixel phase shares one kernel, so a trained (random) head
+    turns a flat input into a flat output, where the pixel shuffle paints a scale-periodic pattern."""
+    for upsampler, periodic in (("resize", False), ("light", True)):
+        cfg = section(GeneratorConfig, **TINY_G, upsampler=upsampler, bicubic_skip=True)
+        g = build_generator(cfg, scale)
+        _perturb(g)
+        edge = (receptive_radius(cfg, scale) + 1) * scale  # HR px that see the zero padding
+        flat = np.full((1, 2 * receptive_radius(cfg, scale) + 6, 2 * receptive_radius(cfg, scale) + 5, 3), 0.4,
+                       np.float32)
+        out = np.asarray(g(flat))[0, edge:-edge, edge:-edge]
+        spread = float(out.std(axis=(0, 1)).max())
+        assert (spread > 1e-3) == periodic, (upsampler, spread)
+    assert [layer.name for layer in g.layers if isinstance(layer, PixelShuffle)] == ["output_shuffle"]
+    g = build_generator(section(GeneratorConfig, **TINY_G, upsampler="resize"), scale)
+    assert not [layer for layer in g.layers if isinstance(layer, PixelShuffle)]
+    _perturb(g)
+    g.save(tmp_path / "g.keras")
+    np.testing.assert_array_equal(load_generator(tmp_path / "g.keras")(_lr(1, 4, 5)), g(_lr(1, 4, 5)))
+
+
 @pytest.mark.parametrize("batch_norm", [True, False])
 def test_generator_keras_round_trip(tmp_path, batch_norm):
     g = build_generator(section(GeneratorConfig, **TINY_G, batch_norm=batch_norm, bicubic_skip=True), 3)
@@ -186,7 +208,7 @@ def _tiny(arch: str, **kw) -> GeneratorConfig:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("upsampler", ["light", "paper"])
+@pytest.mark.parametrize("upsampler", ["light", "resize", "paper"])
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_every_arch_shapes_and_untrained_is_bicubic(arch, upsampler, scale):
     g = build_generator(_tiny(arch, upsampler=upsampler, bicubic_skip=True), scale)
@@ -296,7 +318,7 @@ def _measured_radius(g: keras.Model, scale: int, bound: int) -> int:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("upsampler", ["light", "paper"])
+@pytest.mark.parametrize("upsampler", ["light", "resize", "paper"])
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_receptive_radius_is_exact(arch, upsampler, scale):
     cfg = _tiny(arch, upsampler=upsampler)

@@ -142,7 +142,7 @@ class GeneratorConfig(Section):
     filters: PosInt
     batch_norm: bool
     bicubic_skip: bool
-    upsampler: Literal["paper", "light"]
+    upsampler: Literal["paper", "light", "resize"]
     edsr: EdsrConfig
     rrdb: RrdbConfig
 

@@ -318,6 +318,13 @@ def build_generator(cfg: GeneratorConfig, scale: int) -> keras.Model:
         # output at LR resolution, so no conv runs at HR resolution (~2.6x fewer FLOPs for 8x32).
         x = _conv(3 * scale * scale, 3, "output_conv", dtype="float32", kernel_initializer=init)(x)
         out = PixelShuffle(scale, name="output_shuffle", dtype="float32")(x)
+    elif cfg.upsampler == "resize":
+        # resize-convolution (Odena et al. 2016): nearest-neighbour upsampling, then one 3x3 conv at
+        # HR to RGB, as many FLOPs as `light`. The sub-pixel phases share one kernel, so a flat
+        # region gives a flat output: no scale-periodic checkerboard, which the pixel shuffle's
+        # scale^2 independent kernels develop under the adversarial loss (metrics.subpixel_artifact).
+        x = layers.UpSampling2D(scale, interpolation="nearest", name="output_upsample")(x)
+        out = _conv(3, 3, "output_conv", dtype="float32", kernel_initializer=init)(x)
     else:
         out = _paper_upsampler(x, cfg, scale, init)
     if cfg.bicubic_skip:
@@ -364,7 +371,9 @@ def receptive_radius(cfg: GeneratorConfig, scale: int) -> int:
     lr_radius = _trunk_radius(cfg)
     # radius of the convs at each resolution above LR: hr[i] runs after upsampling stage i
     hr = [0] * len(steps)
-    if cfg.upsampler == "light":
+    if cfg.upsampler in ("light", "resize"):
+        # light: a 3x3 conv at LR; resize: a 3x3 conv at HR after a nearest xscale, which reaches
+        # ceil(1 / scale) = 1 LR px as well
         lr_radius += RADIUS_3X3
     elif cfg.arch == "rrdb":
         hr = [RADIUS_3X3] * len(steps)  # nearest stage, then its conv
