@@ -74,7 +74,7 @@ def main() -> None:
     if args.parent_run_id is None:
         parent = tracking.start_run(cfg.tracking.experiment, run_name=f"tune-{args.study_name}",
                                     tags={"optuna.study": args.study_name, "kind": "tune",
-                                          "optuna.worker": tune.worker_id(), "srresnet.run_id": pre.get("run_id")})
+                                          "optuna.worker": tracking.process_id(), "srresnet.run_id": pre.get("run_id")})
         parent.log_params({"study_name": args.study_name, "n_trials": n_trials, "workers": args.workers,
                            **cfg.flat(("tune",))})
     parent_id = args.parent_run_id or parent.run_id

@@ -1,19 +1,26 @@
-"""The loss study: its cells, how it finds each cell's MLflow run, and its report in a real browser.
+"""The loss study: its arms and seeds, the record its report is rebuilt from (the runs nested under
+its MLflow parent), adaptive seeds, the statistics and verdict in a real browser, and MOS.
 
 The DVC end of it (queued experiments in temporary workspaces, the SRResNet from the run cache) is
-tested in tests/test_dvc_pipeline.py; here the runs are trained directly on the tiny config.
+tested in tests/test_dvc_pipeline.py; here each experiment's train and evaluate stages are run
+directly on the tiny config, recording what the stages record.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 
 from conftest import tiny_config
 from srgan import study, tracking
+from srgan.config import ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -21,71 +28,123 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 
 def _cfg(**over):
-    return tiny_config(**{"study.losses": ["hinge", "least_squares"], "study.seeds": [1, 2],
-                          "study.crop_images": 1, "study.crop_size": 16, **over})
+    return tiny_config(**{"study.losses": ["none", "hinge", "least_squares"], "study.seeds": [1, 2],
+                          "study.crop_images": 1, "study.crop_size": 16, "evaluate.niqe": "none", **over})
 
 
-def test_plan_has_one_experiment_per_cell():
+def test_plan_has_one_experiment_per_arm_and_seed():
     cfg = _cfg()
     exps = study.plan(cfg, "s1")
-    assert [(e.loss, e.seed) for e in exps] == [("hinge", 1), ("hinge", 2), ("least_squares", 1),
-                                                ("least_squares", 2)]
-    assert len({e.name for e in exps}) == 4 and all(e.name.startswith("s1-") for e in exps)
-    c = exps[1].config(cfg)
+    assert [(e.loss, e.seed) for e in exps] == [("none", 1), ("none", 2), ("hinge", 1), ("hinge", 2),
+                                                ("least_squares", 1), ("least_squares", 2)]
+    assert len({e.name for e in exps}) == 6 and all(e.name.startswith("s1-") for e in exps)
+    c = exps[3].config(cfg)
     assert c.adv.loss == "hinge" and c.gan.seed == 2
-    # the pretrain stage's params are untouched: every cell gets the same SRResNet from the run cache
+    # the pretrain stage's params are untouched: every run gets the same SRResNet from the run cache
     from srgan.experiment import phase_params
 
     assert {phase_params(e.config(cfg), "pretrain") == phase_params(cfg, "pretrain") for e in exps} == {True}
+    # an added round: only the named arms, with their new seeds
+    assert [(e.loss, e.seed) for e in study.plan(cfg, "s1", {"hinge": [3]}) if e.loss == "hinge"] == [("hinge", 3)]
 
 
-def test_summarize_means_and_spread_over_seeds():
-    def row(loss, seed, psnr, niqe):
-        return {"loss": loss, "seed": seed, "arch": "srresnet",
-                "metrics": {"eval/valid/psnr_y": psnr, "eval/valid/ssim_y": 0.8, "eval/valid/niqe": niqe,
-                            "eval/valid/bicubic_psnr_y": 30.0, "eval/valid/bicubic_niqe": 9.0}}
+def test_decide_by_must_be_a_compared_metric():
+    from srgan.config import ConfigError
 
-    rows = [row("hinge", 1, 31.0, 6.0), row("hinge", 2, 32.0, 7.0), row("minimax", 1, 30.5, 8.0)]
-    s = study.summarize(rows, ["valid"])["valid"]
-    hinge = next(e for e in s["objectives"] if e["method"] == "hinge")
-    assert hinge["seeds"] == 2 and hinge["psnr_y"] == 31.5
-    assert hinge["psnr_y_std"] == pytest.approx(np.std([31.0, 32.0], ddof=1))
-    assert next(e for e in s["objectives"] if e["method"] == "minimax")["psnr_y_std"] == 0.0
-    assert s["references"][0] == {"arch": "-", "method": "bicubic", "seeds": 0, "psnr_y": 30.0, "niqe": 9.0}
+    study.check_config(_cfg())  # niqe
+    with pytest.raises(ConfigError, match="study.decide_by: 'd_acc' is not a metric the study compares"):
+        study.check_config(_cfg(**{"study.decide_by": "d_acc"}))
+
+
+def _run_cell(cfg, e, data, srresnet, pre_id, tmp_path):
+    """What one queued experiment's train and evaluate stages record in MLflow."""
+    from srgan import evaluate
+    from srgan.experiment import run_training
+
+    ecfg = e.config(cfg)
+    run_id, _ = run_training(ecfg, "gan", data, tmp_path / f"{e.name}.keras", init_generator=srresnet,
+                             extra_tags={"srresnet.run_id": pre_id})
+    reports = tmp_path / e.name
+    summary = evaluate.evaluate(ecfg.evaluate, 4, {"srresnet": srresnet, "srgan": tmp_path / f"{e.name}.keras"},
+                                {"valid": data.shard_dir.parent / "valid"}, reports)
+    tracking.log_to_run(run_id, evaluate.run_metrics(summary, "srgan"),
+                        [reports / "metrics.json", reports / "per_image.csv"], "eval")
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def recorded(processed_dir, pretrained, tmp_path_factory):
+    """A finished tiny study in its own MLflow store: 3 arms x 2 seeds nested under a parent."""
+    from srgan.trainer import TrainData
+
+    tmp = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        cfg = _cfg()
+        data = TrainData.load(processed_dir, 1)
+        srresnet = pretrained / "models" / "srresnet.keras"
+        tracking.ensure_store()
+        from srgan.experiment import run_training
+
+        pre_id, _ = run_training(cfg, "pretrain", data, tmp / "s.keras")
+        parent = tracking.start_run("srgan", run_name="s1", tags={"kind": study.KIND, "study": "s1",
+                                                                  "study.worker": tracking.process_id()})
+        exps = study.plan(cfg, "s1")
+        for e in exps:
+            _run_cell(cfg, e, data, srresnet, pre_id, tmp)
+        assert study.adopt(cfg, exps, parent.run_id, "s1") == []
+        parent.set_tags({"study.stop.hinge": study.STOP_MAX_SEEDS})
+        parent.end()
+        yield cfg, parent.run_id, srresnet, processed_dir, tmp, uri
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
 
 
 @pytest.mark.slow
-def test_study_finds_every_cell_and_renders_its_report(processed_dir, pretrained, mlflow_uri, tmp_path):
-    from srgan import evaluate
-    from srgan.experiment import run_training
-    from srgan.trainer import TrainData
-
-    cfg = _cfg()
-    data = TrainData.load(processed_dir, 1)
-    srresnet = pretrained / "models" / "srresnet.keras"
-    pre_id, _ = run_training(cfg, "pretrain", data, tmp_path / "s.keras")
-    exps = study.plan(cfg, "s1")
-    for e in exps:  # what each queued DVC experiment's train and evaluate stages record
-        ecfg = e.config(cfg)
-        run_id, _ = run_training(ecfg, "gan", data, tmp_path / f"{e.name}.keras", init_generator=srresnet,
-                                 extra_tags={"srresnet.run_id": pre_id})
-        summary = evaluate.evaluate(ecfg.evaluate, 4, {"srgan": tmp_path / f"{e.name}.keras"},
-                                    {"valid": processed_dir / "valid"}, tmp_path / e.name)
-        tracking.log_to_run(run_id, evaluate.run_metrics(summary, "srgan"))
-    tracking.log_to_run(pre_id, {"eval/valid/psnr_y": 26.0, "eval/valid/ssim_y": 0.7})
-    parent = tracking.start_run("srgan", run_name="s1", tags={"kind": "study"})
-    rows = study.collect(cfg, exps, parent.run_id, "s1")
+def test_a_study_is_the_record_of_its_nested_runs(recorded):
+    cfg, parent_id, *_ = recorded
+    rows = study.rows_of("srgan", parent_id)
     assert sorted((r["loss"], r["seed"]) for r in rows) == [("hinge", 1), ("hinge", 2), ("least_squares", 1),
-                                                            ("least_squares", 2)]
-    children = [r for r in tracking.search_runs("srgan") if r["tags"].get("mlflow.parentRunId") == parent.run_id]
-    assert len(children) == 4 and {c["tags"]["study"] for c in children} == {"s1"}
+                                                            ("least_squares", 2), ("none", 1), ("none", 2)]
+    assert all(r["per_image"]["valid"] for r in rows)  # every run's per-image scores, from its artifact
+    children = tracking.child_runs("srgan", parent_id)
+    assert len(children) == 6 and {c["tags"]["study"] for c in children} == {"s1"}
+    # a later params change does not change what the study is: its runs are found by nesting
+    later = tiny_config(**{"gan.steps": 7})
+    assert study.find_run(later.model_copy(), "srgan") is None
+    assert len(study.rows_of("srgan", study.find_parent("srgan", "s1")["run_id"])) == 6
+    with pytest.raises(study.StudyError, match="no study 'nope'"):
+        study.find_parent("srgan", "nope")
 
+
+@pytest.mark.slow
+def test_report_has_intervals_groups_control_dynamics_and_verdict(recorded, tmp_path):
+    cfg, parent_id, srresnet, processed_dir, *_ = recorded
+    rows = study.rows_of("srgan", parent_id)
     out = tmp_path / "compare"
-    page = study.write_report(cfg, rows, out, processed_dir / "valid", srresnet, "s1", seconds=60.0)
+    page = study.write_report(cfg, rows, out, processed_dir / "valid", srresnet, "s1", seconds=60.0,
+                              stopped={"hinge": study.STOP_MAX_SEEDS})
     text = page.read_text()
     refs = re.findall(r"""(?:src|href)=['"]?([^'" >]+)""", text)
     assert refs and all(r.startswith(("data:", "#")) for r in refs)  # self-contained
-    assert (out / "runs.csv").read_text().count("\n") == 5 and (out / "crops").is_dir()
+    record = json.loads((out / "study.json").read_text())
+    comp = record["analysis"]["srresnet"]["valid"]["psnr_y"]
+    assert comp["control"] == "none" and set(comp["vs_control"]) == {"hinge", "least_squares"}
+    assert comp["seeds"] == {"none": 2, "hinge": 2, "least_squares": 2}
+    assert "Welch t-tests" in record["verdict"] and "2 seeds per arm" in record["verdict"]
+    study.log_to_parent(parent_id, out)
+    parent = tracking.search_runs("srgan", f"attributes.run_id = '{parent_id}'")[0]
+    assert "study/valid/psnr_y/control/mean" in parent["metrics"] and parent["tags"]["study.verdict"]
+    assert "study/valid/psnr_y/hinge/vs_control/p_holm" in parent["metrics"]
+    # the same report is not replaced by one with fewer runs
+    with pytest.raises(study.StudyError, match="with 6 runs; MLflow has 5 of them now: not overwritten"):
+        study.write_report(cfg, rows[:5], out, processed_dir / "valid", srresnet, "s1")
+    assert json.loads((out / "study.json").read_text())["runs"] == record["runs"]
     if CHROMIUM is None:
         pytest.skip("Chromium not found: `make sysdeps` installs it (root, Debian)")
     from playwright.sync_api import sync_playwright
@@ -95,51 +154,83 @@ def test_study_finds_every_cell_and_renders_its_report(processed_dir, pretrained
         try:
             pg = browser.new_page()
             pg.goto(page.as_uri())
-            body = pg.locator("#set-valid + table tbody tr")
-            texts = [body.nth(i).inner_text() for i in range(body.count())]
-            assert any(t.startswith("hinge") and "±" in t for t in texts), texts  # mean ± spread of 2 seeds
-            assert any(t.startswith("pretrained") for t in texts) and any(t.startswith("bicubic") for t in texts)
+            assert "cannot be told apart" in pg.locator("#verdict-text").inner_text() or \
+                "better than the control" in pg.locator("#verdict-text").inner_text()
+            table = pg.locator("#set-valid ~ table").first
+            body = [table.locator("tbody tr").nth(i).inner_text() for i in range(table.locator("tbody tr").count())]
+            assert body[0].startswith("none (control)")  # the control first, then the objectives
+            assert any(t.startswith("hinge") and "[" in t and "p=" in t for t in body), body  # CI and Holm p
+            assert any(t.startswith("SRResNet") for t in body) and any(t.startswith("bicubic") for t in body)
+            assert pg.locator("#dynamics").count() == 1 and "groups that cannot be told apart" in pg.content()
             widths = pg.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth)")
-            assert len(widths) >= 1 and all(w and w > 0 for w in widths), widths  # crops decoded
+            assert len(widths) >= 3 and all(w and w > 0 for w in widths), widths  # plots and crops decoded
             pg.screenshot(path=str(tmp_path / "study.png"), full_page=True)
         finally:
             browser.close()
 
 
+def _compare(*flags: str, uri: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "src" / "compare.py"), *flags], capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "2"}, cwd=cwd,
+                          timeout=600)
+
+
 @pytest.mark.slow
-def test_study_of_two_generators_and_two_objectives_renders_both(processed_dir, mlflow_uri, tmp_path):
-    """The generator as the study's second axis: each architecture from its own pretrained
-    generator, every (arch, objective) cell found and shown in the report's table."""
-    from srgan import evaluate
-    from srgan.experiment import run_training
-    from srgan.trainer import TrainData
+def test_rebuild_after_params_change_and_failed_promote_keep_the_report(recorded, tmp_path):
+    """Found by hostile use: a params change, or a failing --promote, rewrote the report as '0 runs'."""
+    cfg, parent_id, srresnet, processed_dir, _, uri = recorded
+    params = tmp_path / "params.yaml"
+    import yaml
 
-    cfg = _cfg(**{"study.seeds": [1], "study.archs": ["srresnet", "edsr"]})
-    data = TrainData.load(processed_dir, 1)
-    exps = study.plan(cfg, "s2")
-    assert sorted((e.arch, e.loss) for e in exps) == [("edsr", "hinge"), ("edsr", "least_squares"),
-                                                      ("srresnet", "hinge"), ("srresnet", "least_squares")]
-    pretrained, pre_ids = {}, {}
-    for arch in ("srresnet", "edsr"):  # what the pretrain stage of each arch's experiments gives
-        acfg = next(e for e in exps if e.arch == arch).config(cfg)
-        pretrained[arch] = tmp_path / f"pre-{arch}.keras"
-        pre_ids[arch], _ = run_training(acfg, "pretrain", data, pretrained[arch])
-        tracking.log_to_run(pre_ids[arch], {"eval/valid/psnr_y": 26.0, "eval/valid/ssim_y": 0.7})
-    for e in exps:
-        ecfg = e.config(cfg)
-        assert ecfg.model.generator.arch == e.arch
-        run_id, _ = run_training(ecfg, "gan", data, tmp_path / f"{e.name}.keras", init_generator=pretrained[e.arch],
-                                 extra_tags={"srresnet.run_id": pre_ids[e.arch]})
-        summary = evaluate.evaluate(ecfg.evaluate, 4, {"srgan": tmp_path / f"{e.name}.keras"},
-                                    {"valid": processed_dir / "valid"}, tmp_path / e.name)
-        tracking.log_to_run(run_id, evaluate.run_metrics(summary, "srgan"))
-    rows = study.collect(cfg, exps)
-    assert sorted((r["arch"], r["loss"]) for r in rows) == sorted((e.arch, e.loss) for e in exps)
+    params.write_text(yaml.safe_dump(tiny_config(**{"pretrain.steps": 9, "gan.steps": 3, "evaluate.niqe": "none",
+                                                    "study.crop_images": 1}).to_dict()))
+    paths = ["--params", str(params), "--out", str(tmp_path / "compare"), "--processed", str(processed_dir),
+             "--srresnet", str(srresnet)]
+    built = _compare("--study", "s1", *paths, uri=uri, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "study s1: 6 runs" in built.stdout
+    before = (tmp_path / "compare" / "study.json").read_bytes()
+    bad = _compare("--promote", "eval/valid/nonexistent", *paths, uri=uri, cwd=tmp_path)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert (tmp_path / "compare" / "study.json").read_bytes() == before
+    again = _compare(*paths, uri=uri, cwd=tmp_path)  # the last study, from its record
+    assert again.returncode == 0 and "study s1: 6 runs" in again.stdout
 
-    page = study.write_report(cfg, rows, tmp_path / "compare", processed_dir / "valid",
-                              pretrained["srresnet"], "s2", seconds=60.0)
-    text = page.read_text()
-    for arch in ("srresnet", "edsr"):
-        for loss in ("hinge", "least_squares"):
-            assert f"<td>{loss}</td><td>{arch}</td>" in text, (arch, loss)
-        assert f"<td>pretrained (pixel loss, no GAN)</td><td>{arch}</td>" in text, arch  # each arch's own start
+
+@pytest.mark.slow
+def test_a_killed_study_parent_is_closed_on_the_next_call(tmp_path, mlflow_uri):
+    code = ("import os, signal; from srgan import tracking, study; tracking.ensure_store();"
+            "r = tracking.start_run('srgan', run_name='k', tags={'kind': study.KIND, 'study': 'k',"
+            "'study.worker': tracking.process_id()}); print(r.run_id, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PYTHONPATH": str(ROOT / "src")})
+    assert out.returncode == -signal.SIGKILL
+    run_id = out.stdout.split()[0]
+    assert tracking.search_runs("srgan", f"attributes.run_id = '{run_id}'")[0]["status"] == "RUNNING"
+    assert study.close_dead_parents("srgan") == [run_id]
+    assert tracking.search_runs("srgan", f"attributes.run_id = '{run_id}'")[0]["status"] == "KILLED"
+    assert study.close_dead_parents("srgan") == []
+
+
+def test_adaptive_seeds_go_to_overlapping_arms_and_say_why_others_stop():
+    import numpy as np
+
+    cfg = _cfg(**{"study.max_seeds": 3, "study.decide_by": "psnr_y", "evaluate.sets": ["valid"]})
+
+    def row(loss, seed, shift):
+        vals = {f"img{i}": {"srgan_psnr_y": 20.0 + i + shift + 0.3 * np.sin(seed * 7 + i)} for i in range(4)}
+        return {"loss": loss, "seed": seed, "arch": "srresnet", "per_image": {"valid": vals}}
+
+    rows = [row("none", s, 0.0) for s in (1, 2)] + [row("hinge", s, 0.05) for s in (1, 2)] + \
+           [row("least_squares", s, 9.0) for s in (1, 2)]
+    stopped: dict[str, str] = {}
+    add = study.next_seeds(cfg, rows, started=__import__("time").time(), seconds_per_run=1.0, stopped=stopped)
+    assert add == {"none": [3], "hinge": [3]} and stopped == {"least_squares": study.STOP_SEPARATED}
+    rows += [row("none", 3, 0.0), row("hinge", 3, 0.05)]
+    add = study.next_seeds(cfg, rows, started=__import__("time").time(), seconds_per_run=1.0, stopped=stopped)
+    assert add == {} and stopped["hinge"] == stopped["none"] == study.STOP_MAX_SEEDS
+    # a round that would end past the budget is not started
+    stopped = {}
+    add = study.next_seeds(_cfg(**{"study.decide_by": "psnr_y", "study.budget_minutes": 1.0}), rows[:6],
+                           started=__import__("time").time() - 50, seconds_per_run=30.0, stopped=stopped)
+    assert add == {} and stopped["none"] == study.STOP_BUDGET

@@ -282,10 +282,14 @@ class TuneConfig(Section):
 
 
 class StudyConfig(Section):
-    """The loss study (src/study.py): which cells to run, how many at once, what the report shows."""
+    """The loss study (srgan.study, `make study`): which arms and seeds to run, when to add seeds,
+    how many at once, what the report shows."""
 
     losses: list[AdvLoss]
     seeds: list[NonNegInt]
+    max_seeds: PosInt
+    budget_minutes: PosFloat
+    decide_by: str
     archs: list[str]
     jobs: NonNegInt
     crop_images: PosInt
@@ -297,6 +301,8 @@ class StudyConfig(Section):
             values = getattr(self, name)
             if not values or len(set(values)) != len(values):
                 raise _error(f"study.{name}: {values!r} must list at least one value, each once")
+        if self.max_seeds < len(self.seeds):
+            raise _error(f"study.max_seeds: {self.max_seeds} is below the {len(self.seeds)} study.seeds")
         return self
 
 

@@ -1,17 +1,24 @@
-"""The loss study: which adversarial objective (x which generator) makes the better SRGAN.
+"""The loss study: which adversarial objective makes the better SRGAN, against a control arm.
 
-``run_study`` queues one DVC experiment per (objective, seed[, architecture]) with ``dvc exp run
---queue -S adv.loss=... -S gan.seed=...``, runs the queue (``--run-all --jobs N``), and every
-experiment starts from the one pretrained generator of its architecture: the pretrain stage's
-params do not change, so DVC's run cache hands it over instead of training it again. The study
-then finds each experiment's MLflow run (by the params digest its config has), nests it under one
-study parent run, and ``write_report`` renders reports/compare/: per evaluation set a table per
-objective (mean and spread over seeds) with SRResNet and bicubic rows, the same crops from every
-objective side by side, and a perception-distortion scatter (PSNR-Y against NIQE).
+An *arm* is an adversarial objective (``adv.loss``) or the control ``none`` (the same phase with no
+adversarial term); each arm runs over seeds (``gan.seed``) from the one pretrained generator of
+its architecture. ``run_study`` queues every (arch, arm, seed) as a DVC experiment (``dvc exp run
+--queue -S adv.loss=... -S gan.seed=...``, then ``--run-all``), nests each finished run under the
+study's MLflow parent run, and adds seeds to the arms whose interval still overlaps a neighbour's
+(``study.decide_by``) until they separate, reach ``study.max_seeds`` or the time budget ends.
+
+A study is a record: its report is rebuilt from the runs nested under its parent run (never from
+today's params), from each run's per-image scores (the evaluate stage's per_image.csv artifact).
+``analyse`` gives, per evaluation set and headline metric of the registry, each arm's mean with a
+95% interval, each objective's effect against the control and against the SRResNet, and groups of
+objectives that Holm-corrected tests cannot tell apart (``srgan.stats``); ``write_report`` renders
+them with a generated verdict, the training dynamics of every arm, crops, the
+perception-distortion plane and, once rated, mean opinion scores.
 """
 
 from __future__ import annotations
 
+import csv
 import html
 import io
 import logging
@@ -24,18 +31,29 @@ from typing import Any
 
 import numpy as np
 
-from . import dataio, tracking
-from .config import ROOT, TRAINING_SECTIONS, Config, replace
+from . import dataio, metrics, stats, tracking
+from .config import NO_ADVERSARIAL, ROOT, TRAINING_SECTIONS, Config, replace
 
 log = logging.getLogger(__name__)
 
-METRICS = ("psnr_y", "ssim_y", "niqe")
-LABELS = {"psnr_y": "PSNR-Y (dB)", "ssim_y": "SSIM-Y", "niqe": "NIQE (lower is better)"}
+PER_IMAGE_ARTIFACT = "eval/per_image.csv"  # what the evaluate stage logs to every SRGAN run
+GAN_METHOD, SRRESNET, BICUBIC, HR = "srgan", "srresnet", "bicubic", "hr"
+KIND = "study"  # the parent run's `kind` tag
+# Curves of every arm in the report (MLflow keys the training phase logs), and their labels.
+DYNAMICS = {"val_d_acc": "D accuracy (held-out)", "val_d_auc": "D AUC (held-out)", "d_loss": "D loss",
+            "g_adv": "G adversarial loss", "val_niqe": "validation NIQE", "val_psnr_y": "validation PSNR-Y (dB)"}
+STOP_SEPARATED = "its interval no longer overlaps a neighbour's"
+STOP_MAX_SEEDS = "reached study.max_seeds"
+STOP_BUDGET = "the time budget (study.budget_minutes) would be exceeded by another round"
+
+
+class StudyError(RuntimeError):
+    """The study cannot run or be rebuilt (no pretrained generator, no such study, ...)."""
 
 
 @dataclass(frozen=True)
 class Experiment:
-    """One cell of the study: a name for DVC and the params it sets."""
+    """One run of the study: a name for DVC and the params it sets."""
 
     name: str
     loss: str
@@ -47,13 +65,19 @@ class Experiment:
         return replace(base, self.overrides)
 
 
-def plan(cfg: Config, study_id: str) -> list[Experiment]:
-    """Every (architecture, objective, seed) of ``study.*`` as a DVC experiment."""
+def arm_name(loss: str, arch: str, archs: Sequence[str]) -> str:
+    """An arm's label: the objective, and the generator when the study has several."""
+    return loss if len(archs) == 1 else f"{loss}/{arch}"
+
+
+def plan(cfg: Config, study_id: str, seeds: Mapping[str, Sequence[int]] | None = None) -> list[Experiment]:
+    """Every (architecture, arm, seed) as a DVC experiment; ``seeds``: arm -> seeds (default: study.seeds)."""
     st = cfg.study
     out = []
     for arch in st.archs:
         for loss in st.losses:
-            for seed in st.seeds:
+            arm = arm_name(loss, arch, st.archs)
+            for seed in (seeds or {}).get(arm, st.seeds):
                 over: dict[str, Any] = {"adv.loss": loss, "gan.seed": seed}
                 if arch != cfg.model.generator.arch:
                     over["model.generator.arch"] = arch
@@ -67,12 +91,12 @@ def _dvc(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def run_experiments(exps: Sequence[Experiment], jobs: int, cwd: Path = ROOT) -> bool:
     """Queue ``exps`` and run the queue (blocking); False if DVC reported a failed experiment
-    (the study then reports the cells that have a finished run and names the others)."""
+    (the study then reports the runs that finished and names the others)."""
     for e in exps:
         sets = [a for k, v in e.overrides.items() for a in ("-S", f"{k}={v}")]
         out = _dvc(["exp", "run", "--queue", "-n", e.name, *sets], cwd)
         if out.returncode:
-            raise RuntimeError(f"dvc exp run --queue {e.name} failed:\n{out.stderr[-2000:]}")
+            raise StudyError(f"dvc exp run --queue {e.name} failed:\n{out.stderr[-2000:]}")
     log.info("running %d queued experiments with %d job(s)", len(exps), jobs)
     out = _dvc(["exp", "run", "--run-all", "--jobs", str(jobs)], cwd)
     if out.returncode:
@@ -81,131 +105,321 @@ def run_experiments(exps: Sequence[Experiment], jobs: int, cwd: Path = ROOT) -> 
 
 
 def find_run(cfg: Config, experiment: str) -> dict[str, Any] | None:
-    """The newest finished adversarial run trained under exactly ``cfg`` (by its params digest)."""
+    """The newest finished adversarial run trained under exactly ``cfg`` (by its params digest):
+    how a just-run experiment's run is found, once, to be nested under the study."""
     digest = cfg.digest(TRAINING_SECTIONS)
     runs = tracking.search_runs(experiment, f"tags.`params.training_digest` = '{digest}' and "
                                            "tags.phase = 'gan' and attributes.status = 'FINISHED'")
     return max(runs, key=lambda r: r["start_time"]) if runs else None
 
 
-def collect(cfg: Config, exps: Sequence[Experiment], parent_run_id: str | None = None,
-            study_id: str = "") -> list[dict[str, Any]]:
-    """One row per experiment that has a finished run: its eval metrics, run ids and config.
-
-    With ``parent_run_id`` each run is nested under the study's parent run (a tag on the finished
-    run: MLflow's UI then lists and compares them together).
-    """
-    rows = []
+def adopt(cfg: Config, exps: Sequence[Experiment], parent_run_id: str, study_id: str) -> list[str]:
+    """Nest the finished run of each experiment under the study's parent run; the names of the
+    experiments without one (failed or not run)."""
+    missing = []
     for e in exps:
         run = find_run(e.config(cfg), cfg.tracking.experiment)
         if run is None:
             log.warning("%s: no finished run found (failed or not run)", e.name)
+            missing.append(e.name)
             continue
-        if parent_run_id:
-            tracking.Run(run["run_id"]).set_tags({"mlflow.parentRunId": parent_run_id, "study": study_id,
-                                                  "study.experiment": e.name})
-        rows.append({"experiment": e.name, "loss": e.loss, "seed": e.seed, "arch": e.arch,
-                     "run_id": run["run_id"], "srresnet_run_id": run["tags"].get("srresnet.run_id"),
-                     "metrics": run["metrics"]})
-    return rows
+        tracking.Run(run["run_id"]).set_tags({"mlflow.parentRunId": parent_run_id, "study": study_id,
+                                              "study.experiment": e.name, "study.arch": e.arch})
+    return missing
 
 
-def _metric(row: Mapping[str, Any], set_name: str, key: str, prefix: str = "") -> float | None:
-    return row["metrics"].get(f"eval/{set_name}/{prefix}{key}")
-
-
-def summarize(rows: Sequence[Mapping[str, Any]], sets: Sequence[str]) -> dict[str, Any]:
-    """Per set: per (arch, objective) mean and std over seeds of each metric; SRResNet, bicubic."""
-    out: dict[str, Any] = {}
-    for s in sets:
-        groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-        for r in rows:
-            groups.setdefault((r["arch"], r["loss"]), []).append(r)
-        table = []
-        for (arch, loss), rs in sorted(groups.items()):
-            entry: dict[str, Any] = {"arch": arch, "method": loss, "seeds": len(rs)}
-            for k in METRICS:
-                vals = [v for r in rs if (v := _metric(r, s, k)) is not None]
-                if vals:
-                    entry[k] = float(np.mean(vals))
-                    entry[f"{k}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-            table.append(entry)
-        refs = []
-        for prefix, label in (("bicubic_", "bicubic"), ("hr_", "HR")):
-            ref = {"arch": "-", "method": label, "seeds": 0}
-            for k in METRICS:
-                vals = [v for r in rows if (v := _metric(r, s, k, prefix)) is not None]
-                if vals:
-                    ref[k] = float(np.mean(vals))
-            refs.append(ref)
-        out[s] = {"objectives": table, "references": refs}
+def _per_image(run_id: str) -> dict[str, dict[str, dict[str, float]]]:
+    """set -> image -> column -> value from a run's per-image scores (empty when it has none)."""
+    path = tracking.download_artifact(run_id, PER_IMAGE_ARTIFACT)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    if path is None:
+        return out
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            values = {k: float(v) for k, v in row.items() if k not in ("set", "name") and v not in ("", None)}
+            out.setdefault(row["set"], {})[row["name"]] = values
     return out
 
 
-def srresnet_rows(rows: Sequence[Mapping[str, Any]], sets: Sequence[str], experiment: str) -> dict[str, Any]:
-    """Each architecture's pretrained (PSNR-oriented) generator, from the run the study started from."""
-    out: dict[str, Any] = {}
-    for arch in sorted({r["arch"] for r in rows}):
-        ids = {r["srresnet_run_id"] for r in rows if r["arch"] == arch and r["srresnet_run_id"]}
-        for run_id in ids:
-            runs = tracking.search_runs(experiment, f"attributes.run_id = '{run_id}'")
-            if runs:
-                m = runs[0]["metrics"]
-                out[arch] = {s: {k: m.get(f"eval/{s}/{k}") for k in METRICS} for s in sets}
+def rows_of(experiment: str, parent_run_id: str, with_images: bool = True) -> list[dict[str, Any]]:
+    """The study's runs: every finished adversarial run nested under its parent, with its config
+    (arm, seed, arch from the run's own params), metrics and per-image scores."""
+    rows = []
+    for run in tracking.child_runs(experiment, parent_run_id):
+        if run["tags"].get("phase") != "gan" or run["status"] != "FINISHED":
+            continue
+        p = run["params"]
+        rows.append({
+            "experiment": run["tags"].get("study.experiment", run["run_name"]),
+            "loss": p.get("adv.loss", run["tags"].get("adv.loss", "?")),
+            "seed": int(p.get("gan.seed", -1)),
+            "arch": run["tags"].get("study.arch", p.get("model.generator.arch", "?")),
+            "steps": int(float(p.get("gan.steps", 0))),
+            "run_id": run["run_id"], "srresnet_run_id": run["tags"].get("srresnet.run_id"),
+            "metrics": run["metrics"], "per_image": _per_image(run["run_id"]) if with_images else {},
+        })
+    return sorted(rows, key=lambda r: (r["arch"], r["loss"], r["seed"]))
+
+
+def find_parent(experiment: str, study_id: str) -> dict[str, Any]:
+    """The study's parent run by its id."""
+    runs = tracking.search_runs(experiment, f"tags.study = '{study_id}' and tags.kind = '{KIND}'")
+    if not runs:
+        raise StudyError(f"no study {study_id!r} in MLflow experiment {experiment!r}")
+    return max(runs, key=lambda r: r["start_time"])
+
+
+def close_dead_parents(experiment: str) -> list[str]:
+    """End KILLED the parent runs of studies whose process died (SIGKILL leaves them RUNNING)."""
+    closed = []
+    for run in tracking.search_runs(experiment, f"tags.kind = '{KIND}' and attributes.status = 'RUNNING'"):
+        worker = run["tags"].get("study.worker", "")
+        if tracking.process_is_dead(worker) and tracking.end_if_running(run["run_id"], "KILLED"):
+            log.warning("study %s was left running by a dead process (%s): its parent run is ended KILLED",
+                        run["tags"].get("study"), worker)
+            closed.append(run["run_id"])
+    return closed
+
+
+# --------------------------------------------------------------------------- analysis
+def _matrix(rows: Sequence[Mapping[str, Any]], set_name: str, column: str, images: Sequence[str]) -> np.ndarray:
+    return np.array([[r["per_image"][set_name][i][column] for i in images] for r in rows], dtype=np.float64)
+
+
+def common_images(rows: Sequence[Mapping[str, Any]], set_name: str, column: str) -> list[str]:
+    """Images every run scored ``column`` on (NIQE skips images too small for it)."""
+    sets = [{i for i, v in r["per_image"].get(set_name, {}).items() if column in v} for r in rows]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def analyse(cfg: Config, rows: Sequence[Mapping[str, Any]], sets: Sequence[str] | None = None,
+            names: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, stats.Comparison]]]:
+    """arch -> set -> metric -> the arms compared (stats.compare), per headline registry metric."""
+    out: dict[str, dict[str, dict[str, stats.Comparison]]] = {}
+    archs = sorted({r["arch"] for r in rows})
+    for arch in archs:
+        mine = [r for r in rows if r["arch"] == arch]
+        for set_name in sets or cfg.evaluate.sets:
+            for m in metrics.image_metrics(headline_only=True):
+                if names is not None and m.name not in names:
+                    continue
+                column = f"{GAN_METHOD}_{m.name}"
+                images = common_images(mine, set_name, column)
+                if not images:
+                    continue
+                arms = {}
+                for loss in dict.fromkeys(r["loss"] for r in mine):
+                    arms[loss] = _matrix([r for r in mine if r["loss"] == loss], set_name, column, images)
+                ref_col = f"{SRRESNET}_{m.name}"
+                ref = None
+                if all(ref_col in mine[0]["per_image"][set_name][i] for i in images):
+                    ref = ("SRResNet", _matrix(mine[:1], set_name, ref_col, images))
+                control = NO_ADVERSARIAL if NO_ADVERSARIAL in arms else None
+                out.setdefault(arch, {}).setdefault(set_name, {})[m.name] = stats.compare(
+                    m.name, arms, m.higher_is_better, control=control, reference=ref, seed=cfg.seed)
     return out
+
+
+def references(rows: Sequence[Mapping[str, Any]], set_name: str) -> dict[str, dict[str, float]]:
+    """Mean bicubic / SRResNet / HR values per metric on a set (from the first run's per-image scores)."""
+    if not rows or set_name not in rows[0]["per_image"]:
+        return {}
+    per = rows[0]["per_image"][set_name].values()
+    out: dict[str, dict[str, float]] = {}
+    for method, label in ((BICUBIC, "bicubic"), (SRRESNET, "SRResNet"), (HR, "HR")):
+        for m in metrics.image_metrics(headline_only=True):
+            vals = [v[f"{method}_{m.name}"] for v in per if f"{method}_{m.name}" in v]
+            if vals:
+                out.setdefault(label, {})[m.name] = float(np.mean(vals))
+    return out
+
+
+def next_seeds(cfg: Config, rows: Sequence[Mapping[str, Any]], started: float, seconds_per_run: float,
+               stopped: dict[str, str]) -> dict[str, list[int]]:
+    """Arm -> the one seed to add next (adaptive seeding on ``study.decide_by``); records in
+    ``stopped`` why every other arm stops."""
+    st = cfg.study
+    analysis = analyse(cfg, rows, [cfg.evaluate.sets[0]], [st.decide_by])
+    used = {r["seed"] for r in rows}
+    add: dict[str, list[int]] = {}
+    for arch, per_set in analysis.items():
+        comp = per_set[cfg.evaluate.sets[0]].get(st.decide_by)
+        if comp is None:
+            continue
+        need = stats.seeds_needed(comp)
+        for loss, overlapping in need.items():
+            arm = arm_name(loss, arch, st.archs)
+            if arm in stopped:
+                continue
+            if not overlapping:
+                stopped[arm] = STOP_SEPARATED
+            elif comp.seeds[loss] >= st.max_seeds:
+                stopped[arm] = STOP_MAX_SEEDS
+            else:
+                add[arm] = [max(used) + 1]
+    budget = st.budget_minutes * 60.0
+    if add and time.time() - started + seconds_per_run * len(add) / max(1, _jobs(cfg)) > budget:
+        for arm in add:
+            stopped[arm] = STOP_BUDGET
+        return {}
+    return add
+
+
+def check_config(cfg: Config) -> None:
+    """What the schema cannot check: ``study.decide_by`` names a registered metric with a direction."""
+    from .config import ConfigError
+
+    allowed = [m.name for m in metrics.image_metrics(headline_only=True) if m.higher_is_better is not None]
+    if cfg.study.decide_by not in allowed:
+        raise ConfigError(f"study.decide_by: {cfg.study.decide_by!r} is not a metric the study compares; "
+                          f"allowed: {', '.join(allowed)}")
+
+
+def _jobs(cfg: Config) -> int:
+    import os
+
+    return cfg.study.jobs or max(1, (os.cpu_count() or 2) // 2)
+
+
+# --------------------------------------------------------------------------- the run
+def run_study(cfg: Config, study_id: str, jobs: int | None = None) -> tuple[str, dict[str, str]]:
+    """Run the study as queued DVC experiments under one MLflow parent run; returns (parent run id,
+    arm -> why it stopped adding seeds). The pretrained generator must exist (dvc repro pretrain)."""
+    tracking.ensure_store()
+    close_dead_parents(cfg.tracking.experiment)
+    parent = tracking.start_run(cfg.tracking.experiment, run_name=study_id,
+                                tags={"kind": KIND, "study": study_id, "study.worker": tracking.process_id()})
+    parent.log_params(cfg.flat(("study",)))
+    started, stopped = time.time(), {}
+    jobs = jobs or _jobs(cfg)
+    with tracking.run_context(parent):
+        exps = plan(cfg, study_id)
+        seeds: dict[str, list[int]] = {}
+        n_run = 0
+        while exps:
+            t0 = time.time()
+            run_experiments(exps, jobs)
+            adopt(cfg, exps, parent.run_id, study_id)
+            n_run += len(exps)
+            per_run = (time.time() - t0) * jobs / len(exps)
+            rows = rows_of(cfg.tracking.experiment, parent.run_id)
+            add = next_seeds(cfg, rows, started, per_run, stopped)
+            for arm, s in add.items():
+                seeds[arm] = s
+            exps = [e for e in plan(cfg, study_id, seeds) if arm_name(e.loss, e.arch, cfg.study.archs) in add]
+            if exps:
+                log.info("adding a seed to %s (intervals still overlap)", ", ".join(add))
+        parent.log_metrics({"study_seconds": time.time() - started, "runs": n_run})
+        parent.set_tags({f"study.stop.{arm}": why for arm, why in stopped.items()})
+    return parent.run_id, stopped
 
 
 # --------------------------------------------------------------------------- report
-def scatter_png(rows: Sequence[Mapping[str, Any]], set_name: str, refs: Mapping[str, Any]) -> bytes | None:
-    """PSNR-Y (x) against NIQE (y, lower is better) of every run, coloured by objective."""
-    pts = [(r, _metric(r, set_name, "psnr_y"), _metric(r, set_name, "niqe")) for r in rows]
-    pts = [(r, x, y) for r, x, y in pts if x is not None and y is not None]
-    if not pts:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _fig_png(fig: Any) -> bytes:
     import matplotlib.pyplot as plt
 
-    losses = sorted({f"{r['loss']}" + (f" ({r['arch']})" if len({q['arch'] for q in rows}) > 1 else "")
-                     for r, _, _ in pts})
-    colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(losses)}
-    markers = {a: m for a, m in zip(sorted({r["arch"] for r in rows}), "os^Dv")}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r, x, y in pts:
-        key = f"{r['loss']}" + (f" ({r['arch']})" if len(markers) > 1 else "")
-        ax.scatter(x, y, color=colors[key], marker=markers[r["arch"]], s=40, label=key)
-    for name, ref in refs.items():
-        if ref.get("psnr_y") is not None and ref.get("niqe") is not None:
-            ax.scatter(ref["psnr_y"], ref["niqe"], color="k", marker="x", s=60)
-            ax.annotate(name, (ref["psnr_y"], ref["niqe"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="best")
-    ax.set_xlabel("PSNR-Y (dB): distortion, higher is better")
-    ax.set_ylabel("NIQE: perception, lower is better")
-    ax.set_title(f"perception-distortion plane, {set_name}")
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
     return buf.getvalue()
 
 
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def dynamics_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """Every arm's training curves, mean over seeds with the seeds' range as a band: a D that never
+    learns or a collapse shows in the D panels."""
+    curves: dict[str, dict[str, list[list[tuple[int, float]]]]] = {}
+    for r in rows:
+        for key in DYNAMICS:
+            hist = tracking.metric_history(r["run_id"], key)
+            if hist:
+                curves.setdefault(key, {}).setdefault(r["loss"], []).append(hist)
+    if not curves:
+        return None
+    plt = _plt()
+    keys = [k for k in DYNAMICS if k in curves]
+    cols = 3
+    fig, axes = plt.subplots((len(keys) + cols - 1) // cols, cols, figsize=(15, 3.4 * ((len(keys) + cols - 1) // cols)),
+                             squeeze=False)
+    arms = sorted({r["loss"] for r in rows})
+    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+    for ax, key in zip(axes.flat, keys):
+        for arm, runs in sorted(curves[key].items()):
+            steps = sorted(set.intersection(*[{s for s, _ in h} for h in runs]))
+            if not steps:
+                continue
+            vals = np.array([[dict(h)[s] for s in steps] for h in runs])
+            ax.plot(steps, vals.mean(axis=0), "o-" if key.startswith("val_") else "-", ms=3, color=colors[arm],
+                    label=f"{arm} ({len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(steps, vals.min(axis=0), vals.max(axis=0), color=colors[arm], alpha=0.15)
+        if key in ("val_d_acc", "val_d_auc"):
+            ax.axhline(0.5, color="k", ls=":", lw=1)
+            ax.axhline(metrics.D_SEPARATES, color="g", ls="--", lw=1)
+        ax.set_title(DYNAMICS[key])
+        ax.set_xlabel("adversarial step")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8, title="arm (seeds)")
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def scatter_png(rows: Sequence[Mapping[str, Any]], set_name: str, refs: Mapping[str, Mapping[str, float]],
+                x: str = "psnr_y", y: str = "niqe") -> bytes | None:
+    """The perception-distortion plane: every run, coloured by arm; the references as crosses."""
+    pts = [(r, r["metrics"].get(f"eval/{set_name}/{x}"), r["metrics"].get(f"eval/{set_name}/{y}")) for r in rows]
+    pts = [(r, a, b) for r, a, b in pts if a is not None and b is not None]
+    if not pts:
+        return None
+    plt = _plt()
+    arms = sorted({r["loss"] for r, _, _ in pts})
+    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(arms)}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r, a, b in pts:
+        ax.scatter(a, b, color=colors[r["loss"]], s=40, label=r["loss"])
+    for name, ref in refs.items():
+        if ref.get(x) is not None and ref.get(y) is not None:
+            ax.scatter(ref[x], ref[y], color="k", marker="x", s=60)
+            ax.annotate(name, (ref[x], ref[y]), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="best")
+    ax.set_xlabel(f"{metrics.get(x).label}: distortion")
+    ax.set_ylabel(f"{metrics.get(y).label}: perception")
+    ax.set_title(f"perception-distortion plane, {set_name}")
+    fig.tight_layout()
+    return _fig_png(fig)
+
+
+def median_runs(rows: Sequence[Mapping[str, Any]], set_name: str, metric: str = "niqe") -> dict[str, dict[str, Any]]:
+    """Per arm (and arch) the run with the median ``metric``: the seed shown in crops and rated."""
+    out: dict[str, dict[str, Any]] = {}
+    archs = sorted({r["arch"] for r in rows})
+    for key in dict.fromkeys((r["arch"], r["loss"]) for r in rows):
+        mine = [r for r in rows if (r["arch"], r["loss"]) == key]
+        mine.sort(key=lambda r: (r["metrics"].get(f"eval/{set_name}/{metric}", 0.0), r["seed"]))
+        out[arm_name(key[1], key[0], archs)] = mine[(len(mine) - 1) // 2]
+    return out
+
+
 def crops(rows: Sequence[Mapping[str, Any]], valid_dir: Path, srresnet: Path | None, out_dir: Path,
           scale: int, ev: Any, n_images: int, size: int) -> list[Path]:
-    """The same detail of ``n_images`` validation images from every objective (its first seed),
+    """The same detail of ``n_images`` validation images from every arm (its median-NIQE seed),
     the SRResNet and HR side by side, written to ``out_dir/crops/<image>.png``."""
     from . import evaluate, images, models, viz
 
-    first = {}
-    for r in sorted(rows, key=lambda r: r["seed"]):
-        first.setdefault((r["arch"], r["loss"]), r)
     upscalers = {}
-    for (arch, loss), r in sorted(first.items()):
-        model = models.load_generator(tracking.download_model(r["run_id"]))
-        upscalers[f"{loss}" + (f"/{arch}" if len({a for a, _ in first}) > 1 else "")] = \
-            evaluate.generator_upscaler(model, ev)
+    for arm, r in median_runs(rows, "valid").items():
+        upscalers[arm] = evaluate.generator_upscaler(models.load_generator(tracking.download_model(r["run_id"])), ev)
     if srresnet is not None and srresnet.is_file():
         upscalers = {"SRResNet": evaluate.generator_upscaler(models.load_generator(srresnet), ev), **upscalers}
     paths = []
@@ -221,68 +435,204 @@ def crops(rows: Sequence[Mapping[str, Any]], valid_dir: Path, srresnet: Path | N
     return paths
 
 
-def _fmt(entry: Mapping[str, Any], k: str) -> str:
-    v = entry.get(k)
-    if v is None:
+def _ci(e: stats.Estimate | None, digits: int) -> str:
+    if e is None:
         return ""
-    digits = 4 if k == "ssim_y" else 2 if k == "psnr_y" else 2
-    std = entry.get(f"{k}_std")
-    return f"{v:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None and entry.get("seeds", 0) > 1 else "")
+    return f"{e.value:.{digits}f} <span class=muted>[{e.lo:.{digits}f}, {e.hi:.{digits}f}]</span>"
+
+
+def _effect(e: stats.Estimate | None, digits: int, p: float | None = None, better: bool | None = None) -> str:
+    if e is None:
+        return ""
+    cls = "" if better is None else (" class=better" if better else " class=worse")
+    ptxt = "" if p is None else f" <span class=muted>p={p:.3g}</span>"
+    return (f"<span{cls}>{e.value:+.{digits}f}</span> <span class=muted>[{e.lo:+.{digits}f}, {e.hi:+.{digits}f}]"
+            f"</span>{ptxt}")
+
+
+def comparison_table(c: stats.Comparison, refs: Mapping[str, Mapping[str, float]]) -> str:
+    """One metric on one set: each arm's mean [CI], its effect against the control and the SRResNet."""
+    m = metrics.get(c.metric)
+    d = m.digits
+    order = sorted(c.means, key=lambda a: (a != c.control, c.means[a].value * (-1 if m.higher_is_better else 1)))
+    body = []
+    for arm in order:
+        label = f"{arm} (control)" if arm == c.control else arm
+        body.append(f"<tr><td>{html.escape(label)}</td><td>{c.seeds[arm]}</td><td>{_ci(c.means[arm], d)}</td>"
+                    f"<td>{_effect(c.vs_control.get(arm), d, c.p_control.get(arm), c.better_than_control(arm))}</td>"
+                    f"<td>{_effect(c.vs_reference.get(arm), d)}</td></tr>")
+    for name, vals in refs.items():
+        if c.metric in vals:
+            body.append(f"<tr class=ref><td>{html.escape(name)}</td><td>-</td><td>{m.format(vals[c.metric])}</td>"
+                        "<td></td><td></td></tr>")
+    groups = " | ".join("{" + ", ".join(html.escape(a) for a in sorted(g)) + "}" for g in c.groups)
+    direction = "" if m.higher_is_better is None else (" (higher is better)" if m.higher_is_better else
+                                                      " (lower is better)")
+    return (f"<h3>{html.escape(m.label)}{direction}</h3><table><thead><tr><th>arm</th><th>seeds</th>"
+            "<th>mean [95% CI]</th><th>vs control [95% CI], Holm p</th><th>vs SRResNet [95% CI]</th></tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table><p class=muted>groups that cannot be told apart "
+            f"(best first, unranked inside): {groups or '-'}</p>")
 
 
 def write_report(cfg: Config, rows: Sequence[Mapping[str, Any]], out_dir: Path, valid_dir: Path,
-                 srresnet: Path | None, study_id: str, seconds: float | None = None) -> Path:
-    """reports/compare/{index.html, study.json, runs.csv, crops/}: the study's result page."""
+                 srresnet: Path | None, study_id: str, seconds: float | None = None,
+                 stopped: Mapping[str, str] | None = None, mos: Mapping[str, Any] | None = None,
+                 force: bool = False) -> Path:
+    """reports/compare/{index.html, study.json, runs.csv, crops/}: the study's result page.
+
+    Refuses (StudyError) to replace a report of the same study that had more runs, unless ``force``.
+    """
     from . import report
 
     out_dir = Path(out_dir)
+    old = dataio.read_json(out_dir / "study.json", {})
+    if not force and old.get("study") == study_id and len(old.get("runs", [])) > len(rows):
+        raise StudyError(f"{out_dir / 'index.html'} shows study {study_id} with {len(old['runs'])} runs; MLflow "
+                         f"has {len(rows)} of them now: not overwritten (pass --force to)")
     sets = list(cfg.evaluate.sets)
-    summary = summarize(rows, sets)
-    pre = srresnet_rows(rows, sets, cfg.tracking.experiment)
+    analysis = analyse(cfg, rows, sets)
+    steps = sorted({r["steps"] for r in rows})
+    seeds = {}
+    for r in rows:
+        seeds.setdefault(arm_name(r["loss"], r["arch"], sorted({q["arch"] for q in rows})), set()).add(r["seed"])
+    budget = (f"{len(rows)} runs: {', '.join(f'{a} x {len(s)}' for a, s in seeds.items())} seeds, "
+              f"{'/'.join(map(str, steps))} adversarial steps each from one pretrained generator, "
+              f"{cfg.data.source} data, evaluation sets {', '.join(sets)}")
+    verdict_parts = []
+    for arch, per_set in analysis.items():
+        for set_name, per_metric in per_set.items():
+            for name, comp in per_metric.items():
+                verdict_parts.append((set_name + (f" ({arch})" if len(analysis) > 1 else ""),
+                                      metrics.get(name).label, metrics.get(name).digits, comp))
+    text = stats.verdict(verdict_parts, budget) if rows else "No finished runs."
+    flat = [{"experiment": r["experiment"], "arch": r["arch"], "arm": r["loss"], "seed": r["seed"],
+             "run_id": r["run_id"], **{f"{s}_{m.name}": r["metrics"].get(f"eval/{s}/{m.name}")
+                                       for s in sets for m in metrics.image_metrics(headline_only=True)}}
+            for r in rows]
     crop_paths = crops(rows, valid_dir, srresnet, out_dir, cfg.preprocess.scale, cfg.evaluate,
                        cfg.study.crop_images, cfg.study.crop_size) if rows else []
-    flat = [{"experiment": r["experiment"], "arch": r["arch"], "loss": r["loss"], "seed": r["seed"],
-             "run_id": r["run_id"], **{f"{s}_{k}": _metric(r, s, k) for s in sets for k in METRICS}} for r in rows]
+    record = {"study": study_id, "seconds": seconds, "verdict": text, "budget": budget, "stopped": dict(stopped or {}),
+              "analysis": {a: {s: {m: c.as_dict() for m, c in pm.items()} for s, pm in ps.items()}
+                           for a, ps in analysis.items()},
+              "runs": flat, "mos": mos}
     dataio.write_csv_atomic(out_dir / "runs.csv", flat)
-    dataio.write_json_atomic(out_dir / "study.json", {"study": study_id, "seconds": seconds, "summary": summary,
-                                                      "srresnet": pre, "runs": flat})
+    dataio.write_json_atomic(out_dir / "study.json", record)
     parts = [report.page_head(f"Loss study {study_id}"),
-             f"<h1>Which adversarial objective makes the better SRGAN?</h1>"
-             f"<p class=muted>Study <code>{html.escape(study_id)}</code>: {len(rows)} runs "
-             f"({', '.join(cfg.study.losses)} x seeds {cfg.study.seeds} x {', '.join(cfg.study.archs)}), "
-             f"{cfg.gan.steps} adversarial steps each from one pretrained generator per architecture"
-             + (f", {seconds / 60:.1f} min" if seconds else "") + ". Mean ± standard deviation over seeds.</p>"]
-    for s in sets:
-        head = "".join(f"<th>{html.escape(LABELS[k])}</th>" for k in METRICS)
-        body = []
-        for e in summary[s]["objectives"]:
-            body.append(f"<tr><td>{html.escape(e['method'])}</td><td>{html.escape(e['arch'])}</td>"
-                        f"<td>{e['seeds']}</td>" + "".join(f"<td>{_fmt(e, k)}</td>" for k in METRICS) + "</tr>")
-        for arch, per_set in pre.items():
-            body.append(f"<tr class=ref><td>pretrained (pixel loss, no GAN)</td><td>{html.escape(arch)}</td><td>-</td>"
-                        + "".join(f"<td>{_fmt(per_set[s], k)}</td>" for k in METRICS) + "</tr>")
-        for ref in summary[s]["references"]:
-            body.append(f"<tr class=ref><td>{ref['method']}</td><td>-</td><td>-</td>"
-                        + "".join(f"<td>{_fmt(ref, k)}</td>" for k in METRICS) + "</tr>")
-        parts.append(f"<h2 id='set-{html.escape(s)}'>{html.escape(s)}</h2><table><thead><tr><th>objective</th>"
-                     f"<th>generator</th><th>seeds</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
-        refs = {"bicubic": summary[s]["references"][0], **{f"pretrained {a}": pre[a][s] for a in pre}}
-        png = scatter_png(rows, s, refs)
-        if png:
-            dataio.write_bytes_atomic(out_dir / f"scatter_{s}.png", png)
-            parts.append(f"<figure><img alt='perception-distortion {html.escape(s)}' "
-                         f"src='{report.data_uri(out_dir / f'scatter_{s}.png')}'><figcaption>one point per run; "
-                         "x: bicubic and SRResNet</figcaption></figure>")
+             "<h1>Which adversarial objective makes the better SRGAN?</h1>",
+             f"<p class=muted>Study <code>{html.escape(study_id)}</code>: {html.escape(budget)}"
+             + (f"; {seconds / 60:.1f} min" if seconds else "") + ".</p>",
+             f"<h2 id=verdict>Verdict</h2><p id=verdict-text>{html.escape(text)}</p>"]
+    if stopped:
+        parts.append("<details><summary>Why each arm stopped adding seeds</summary><ul>" + "".join(
+            f"<li>{html.escape(a)}: {html.escape(w)}</li>" for a, w in sorted(stopped.items())) + "</ul></details>")
+    for arch, per_set in analysis.items():
+        for set_name, per_metric in per_set.items():
+            title = set_name + (f" ({arch})" if len(analysis) > 1 else "")
+            refs = references([r for r in rows if r["arch"] == arch], set_name)
+            parts.append(f"<h2 id='set-{html.escape(set_name)}'>{html.escape(title)}</h2>")
+            parts += [comparison_table(c, refs) for c in per_metric.values()]
+            png = scatter_png([r for r in rows if r["arch"] == arch], set_name, refs)
+            if png:
+                dataio.write_bytes_atomic(out_dir / f"scatter_{set_name}.png", png)
+                parts.append(f"<figure><img alt='perception-distortion {html.escape(set_name)}' "
+                             f"src='{report.data_uri(out_dir / f'scatter_{set_name}.png')}'><figcaption>one point "
+                             "per run; crosses: bicubic, SRResNet, HR</figcaption></figure>")
+    png = dynamics_png(rows) if rows else None
+    if png:
+        dataio.write_bytes_atomic(out_dir / "dynamics.png", png)
+        parts.append("<h2 id=dynamics>Training dynamics of every arm</h2><p class=muted>mean over seeds, band: the "
+                     f"seeds' range; D panels: dotted = chance, dashed = separating ({metrics.D_SEPARATES})</p>"
+                     f"<img alt='training dynamics' src='{report.data_uri(out_dir / 'dynamics.png')}'>")
+    if mos:
+        parts.append(mos_section(mos))
     if crop_paths:
         order = dataio.read_json(out_dir / "crops" / "order.json", [])
-        parts.append("<h2 id=crops>The same detail from every objective</h2>"
-                     f"<p class=muted>left to right: {html.escape(' | '.join(order))} (first seed, 2x enlarged)</p>")
+        parts.append("<h2 id=crops>The same detail from every arm</h2>"
+                     f"<p class=muted>left to right: {html.escape(' | '.join(order))} (each arm's median-NIQE seed, "
+                     "2x enlarged)</p>")
         parts += [f"<figure><img alt='{html.escape(p.stem)}' src='{report.data_uri(p)}'>"
                   f"<figcaption>{html.escape(p.stem)}</figcaption></figure>" for p in crop_paths]
     parts.append("<h2>Runs</h2>" + report.table(flat) + "</body></html>")
     page = out_dir / "index.html"
     dataio.write_text_atomic(page, "\n".join(parts))
     return page
+
+
+def log_to_parent(parent_run_id: str, out_dir: Path) -> None:
+    """The study's numbers onto its MLflow parent run: every arm's mean and interval, effects and
+    Holm p-values per set and metric, the verdict, and the report."""
+    record = dataio.read_json(Path(out_dir) / "study.json", {})
+    flat: dict[str, float] = {}
+    for arch, per_set in record.get("analysis", {}).items():
+        for set_name, per_metric in per_set.items():
+            for name, c in per_metric.items():
+                for arm, e in c["means"].items():
+                    key = f"study/{set_name}/{name}/{arm}".replace("/none", "/control")
+                    flat.update({f"{key}/mean": e["value"], f"{key}/lo": e["lo"], f"{key}/hi": e["hi"]})
+                for arm, e in c["vs_control"].items():
+                    key = f"study/{set_name}/{name}/{arm}/vs_control"
+                    flat.update({key: e["value"], f"{key}/lo": e["lo"], f"{key}/hi": e["hi"]})
+                    if e.get("p_holm") is not None:
+                        flat[f"{key}/p_holm"] = e["p_holm"]
+    for name, m in (record.get("mos") or {}).get("methods", {}).items():
+        if m.get("mos") is not None:
+            flat[f"study/mos/{name}"] = m["mos"]
+    run = tracking.Run(parent_run_id)
+    run.log_metrics({k.replace("relativistic_average", "ragan"): v for k, v in flat.items()})
+    run.set_tags({"study.verdict": record.get("verdict", "")[:4000]})
+    run.log_artifacts(Path(out_dir), "compare")
+
+
+# --------------------------------------------------------------------------- mean opinion scores
+def mos_section(mos: Mapping[str, Any]) -> str:
+    """MOS per method with its interval and the rating app's Holm-corrected pairwise tests."""
+    rows = []
+    for name, m in mos.get("methods", {}).items():
+        ci = m.get("ci95")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{m.get('n', 0)}</td><td>"
+                    + ("" if m.get("mos") is None else f"{m['mos']:.2f}")
+                    + ("" if not ci else f" <span class=muted>[{ci[0]:.2f}, {ci[1]:.2f}]</span>") + "</td></tr>")
+    sig = [p for p in mos.get("pairwise", []) if p.get("significant")]
+    tests = ("; ".join(f"{html.escape(p['a'])} vs {html.escape(p['b'])}: p={p['p_holm']:.3g}" for p in sig)
+             or "no pair differs after Holm's correction")
+    return (f"<h2 id=mos>Mean opinion score</h2><p class=muted>{mos.get('n_ratings', 0)} ratings from "
+            f"{mos.get('n_raters', 0)} raters, 1 (bad) to 5 (excellent); each arm's median-NIQE seed, blind</p>"
+            "<table><thead><tr><th>method</th><th>ratings</th><th>MOS [95% CI]</th></tr></thead><tbody>"
+            f"{''.join(rows)}</tbody></table><p class=muted>{tests}</p>")
+
+
+def prepare_mos(cfg: Config, rows: Sequence[Mapping[str, Any]], valid_dir: Path, srresnet: Path, mos_dir: Path,
+                study_id: str, crop: int, force: bool = False) -> Any:
+    """A blind rating session of the study: per arm its median-NIQE seed, the SRResNet and the
+    paper's calibration methods (nearest, bicubic, HR); the study id is recorded with it."""
+    from .mos import study as mos_study
+
+    ev = cfg.evaluate
+    models = [mos_study.model_method(f"{arm.replace('/', '-')}=runs:/{r['run_id']}", ev.tile, ev.tile_overlap)
+              for arm, r in median_runs(rows, cfg.evaluate.sets[0]).items()]
+    models.insert(0, mos_study.model_method(f"srresnet={srresnet}", ev.tile, ev.tile_overlap))
+    st = mos_study.prepare_study(valid_dir, mos_dir, models, crop=crop, seed=cfg.seed, force=force,
+                                 context=max(mos_study.CONTEXT_LR, ev.tile_overlap))
+    dataio.write_json_atomic(Path(mos_dir) / "loss_study.json", {"study": study_id, "mos_study": st.study_id})
+    return st
+
+
+def mos_results(mos_dir: Path, study_id: str) -> dict[str, Any] | None:
+    """The rating results of the study's rating session, once anyone rated it (else None)."""
+    from .mos import db as mos_db
+    from .mos import results as mos_results_mod
+    from .mos import study as mos_study
+    from .mos.app import default_db
+
+    link = dataio.read_json(Path(mos_dir) / "loss_study.json", {})
+    if link.get("study") != study_id:
+        return None
+    st = mos_study.load_study(Path(mos_dir))
+    db = default_db(Path(mos_dir))
+    if not db.exists():
+        return None
+    res = mos_results_mod.compute(st, mos_db.load_ratings(db, st.study_id))
+    return res if res["n_ratings"] else None
 
 
 def new_study_id() -> str:

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -444,6 +445,46 @@ def download_model(run_id: str, dst: Path | None = None) -> Path:
     dst = Path(dst or tempfile.mkdtemp(prefix="srgan-model-"))
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{KERAS_DIR}/{name}", dst_path=str(dst))
     return Path(local)
+
+
+def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path | None:
+    """Download one artifact file of a run (e.g. ``eval/per_image.csv``); None when it has none."""
+    import mlflow
+
+    base = _readable_artifact_uri(_client().get_run(run_id).info.artifact_uri)
+    dst = Path(dst or tempfile.mkdtemp(prefix="srgan-artifact-"))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{artifact_path}", dst_path=str(dst)))
+    except (OSError, mlflow.exceptions.MlflowException):  # no such artifact (file stores raise OSError)
+        return None
+
+
+def child_runs(experiment: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """The runs nested under ``parent_run_id`` (MLflow's parent tag), as :func:`search_runs` rows."""
+    return search_runs(experiment, f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def process_id() -> str:
+    """This process as host:pid (recorded on runs, so a later call can tell a dead one)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_is_dead(worker: str) -> bool:
+    """``worker`` (host:pid) names a process of this host that no longer runs."""
+    host, _, pid = worker.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:  # a zombie child is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] == "Z"
+    except OSError:
+        return False
 
 
 # -- the generator as an MLflow Model ------------------------------------------------------------

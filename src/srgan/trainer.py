@@ -270,6 +270,18 @@ class Trainer:
             gp = losses.gradient_penalty(self.D, hr, tf.stop_gradient(sr), self.gp_rng)
         return d_adv + self.cfg.adv.gp_weight * gp, gp
 
+    def _discriminate(self, hr, sr):
+        """D's outputs on real and generated images, seen as one batch: batch-norm then normalises
+        with the statistics of the mix it must tell apart. (Separate real-only and fake-only batches
+        normalise away exactly what differs between them, e.g. the SR's missing high-frequency energy,
+        and the moving averages that judge single held-out images match neither: measured here, D
+        then stays at chance on held-out patches while its training outputs drift apart.)"""
+        import tensorflow as tf
+
+        n = tf.shape(hr)[0]
+        both = tf.cast(self.D(tf.concat([hr, tf.cast(sr, hr.dtype)], axis=0), training=True), tf.float32)
+        return both[:n], both[n:]
+
     def _d_replica(self, lr, hr):
         """A D-only update: fakes from G's forward pass (no G gradients)."""
         import tensorflow as tf
@@ -277,8 +289,7 @@ class Trainer:
         inv = 1.0 / self.replicas
         sr = tf.stop_gradient(tf.cast(self.G(lr, training=False), tf.float32))
         with tf.GradientTape() as tape:
-            real = tf.cast(self.D(hr, training=True), tf.float32)
-            fake = tf.cast(self.D(sr, training=True), tf.float32)
+            real, fake = self._discriminate(hr, sr)
             d_total, gp = self._d_losses(real, fake, hr, sr)
             d_total = d_total * inv
         grads = tape.gradient(d_total, self.D.trainable_variables)
@@ -301,8 +312,7 @@ class Trainer:
                 losses.vgg_loss(self.vgg, hr, sr, cfg.vgg.feature_scale) if self.vgg is not None else tf.constant(0.0)
             )
             if self.D is not None:
-                real = tf.cast(self.D(hr, training=True), tf.float32)
-                fake = tf.cast(self.D(sr, training=True), tf.float32)
+                real, fake = self._discriminate(hr, sr)
                 d_total, gp = self._d_losses(real, fake, hr, sr)
                 d_total = d_total * inv
                 parts["adv"] = self.adv.g_loss(real, fake)

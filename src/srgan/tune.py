@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -149,17 +148,6 @@ class PruningCallback(Callback):
             raise optuna.TrialPruned(f"pruned at step {step} ({key} {metrics[key]:.3f})")
 
 
-def worker_id() -> str:
-    """This process as host:pid (recorded on trials and runs, to recognise dead ones)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _dead_here(worker: str) -> bool:
-    """``worker`` (host:pid) names a process of this host that no longer runs."""
-    w_host, _, pid = worker.partition(":")
-    return w_host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
-
-
 def recover_dead_trials(study) -> int:
     """Fail RUNNING trials left by a killed process on this host and queue their params again;
     their MLflow child runs (and the killed session's parent run) are ended KILLED.
@@ -172,7 +160,7 @@ def recover_dead_trials(study) -> int:
     n = 0
     for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = tr.user_attrs.get("worker", "")
-        if not _dead_here(worker):
+        if not tracking.process_is_dead(worker):
             continue
         study.tell(tr.number, state=TrialState.FAIL)
         study.enqueue_trial(tr.params, user_attrs={"retry_of": tr.number})
@@ -181,24 +169,9 @@ def recover_dead_trials(study) -> int:
             tracking.end_if_running(run_id, "KILLED")
         n += 1
     for run_id, tags in tracking.running_runs_with_tag("optuna.worker"):
-        if tags.get("optuna.study") == study.study_name and _dead_here(tags["optuna.worker"]):
+        if tags.get("optuna.study") == study.study_name and tracking.process_is_dead(tags["optuna.worker"]):
             tracking.end_if_running(run_id, "KILLED")
     return n
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child is dead for our purpose
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return True
 
 
 def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srresnet: Path, data_offset: int):
@@ -210,7 +183,7 @@ def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srre
     def objective(trial: optuna.Trial):
         import keras
 
-        trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("worker", tracking.process_id())
         tcfg = suggest(trial, cfg)
         from .experiment import run_training
 
@@ -220,7 +193,7 @@ def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srre
                 tcfg, "gan", data, callbacks=[PruningCallback(trial, list(cfg.tune.objectives))],
                 parent_run_id=parent_run_id, run_name=f"trial-{trial.number}",
                 extra_tags={"optuna.study": trial.study.study_name, "optuna.trial": trial.number,
-                            "optuna.worker": worker_id()},
+                            "optuna.worker": tracking.process_id()},
                 exception_status={optuna.TrialPruned: "KILLED"}, init_generator=srresnet, data_offset=data_offset,
             )
         except optuna.TrialPruned:
