@@ -325,7 +325,9 @@ def test_validation_reports_d_health_and_warns_at_chance(processed_dir, caplog):
     cfg = tiny_config()
     prepare_runtime(cfg, "gan")
     gan = Trainer(cfg, "gan")
+    state = [w.numpy().copy() for w in gan.D.weights]
     val, _ = gan.validate(dataio.load_pairs(processed_dir / "valid", limit=2))
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(state, gan.D.weights))  # judging changes nothing of D
     assert {"val_d_acc", "val_d_auc", "val_d_gap", "val_artifact"} <= set(val)
     assert 0.0 <= val["val_d_acc"] <= 1.0 and 0.0 <= val["val_d_auc"] <= 1.0
     assert "0.42 (< 0.75; 0.5 is chance)" in d_health_warning({"val_d_acc": 0.42})

@@ -155,10 +155,16 @@ class GeneratorConfig(Section):
         return self
 
 
+D_MAX_CONVS = 8  # the paper discriminator's conv layers
+
+
 class DiscriminatorConfig(Section):
     filters: PosInt
+    convs: Annotated[int, Field(ge=1, le=D_MAX_CONVS)]
     dense: PosInt
     batch_norm: bool
+    head: Literal["dense", "patch"]
+    spectral_norm: bool
 
 
 class ModelConfig(Section):
@@ -253,6 +259,9 @@ class TrackingConfig(Section):
 
 
 class TuneConfig(Section):
+    """The Optuna search (srgan.tune): budget per trial, objectives and the search space. A range is
+    [low, high] (log-uniform); an empty list leaves that param at its params.yaml value."""
+
     n_trials: PosInt
     gan_steps: PosInt
     report_every: PosInt
@@ -264,21 +273,26 @@ class TuneConfig(Section):
     w_adv: list[PosFloat]
     losses: list[Objective]
     lr_gan: list[PosFloat]
+    d_lr: list[PosFloat]
 
     @model_validator(mode="after")
     def _ranges(self) -> TuneConfig:
-        for name in ("w_mse", "w_vgg", "w_adv", "lr_gan"):
+        for name in TUNE_RANGES:
             rng = getattr(self, name)
-            if name == "lr_gan" and not rng:
-                continue
-            if len(rng) != 2 or not rng[0] <= rng[1]:
-                raise _error(f"tune.{name}: {rng!r} must be [low, high] with 0 < low <= high (log-uniform)")
+            if rng and (len(rng) != 2 or not rng[0] <= rng[1]):
+                raise _error(f"tune.{name}: {rng!r} must be [low, high] with 0 < low <= high (log-uniform), "
+                             "or [] to keep the params.yaml value")
         # which names are metrics is the metric registry's to say (checked by srgan.tune at start-up)
         if not self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise _error(f"tune.objectives: {self.objectives!r} must list metrics (e.g. psnr_y, niqe) once each")
         if not self.losses:
             raise _error("tune.losses: must name at least one adversarial loss")
         return self
+
+
+# tune.<range> -> the params.yaml key it samples
+TUNE_RANGES = {"w_mse": "loss.w_mse", "w_vgg": "loss.w_vgg", "w_adv": "loss.w_adv", "lr_gan": "gan.lr",
+               "d_lr": "gan.d_lr"}
 
 
 class StudyConfig(Section):

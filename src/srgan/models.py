@@ -403,27 +403,37 @@ def tile_overlap_warning(cfg: GeneratorConfig, scale: int, tile: int, overlap: i
 
 
 def build_discriminator(cfg: DiscriminatorConfig, hr_patch: int) -> keras.Model:
-    """Paper discriminator: 8 conv3x3 (f..8f, strides 1,2,...), LeakyReLU(0.2), dense, 1 logit.
+    """Paper discriminator: ``convs`` conv3x3 (f..8f, strides 1,2,...; paper 8), LeakyReLU(0.2), then its head.
 
     Input (B, hr_patch, hr_patch, 3) in [0, 1]; it is rescaled to [-1, 1] inside (paper's HR range).
-    Output (B, 1) raw logits (no sigmoid: the losses work on logits). For wasserstein_gp prefer
-    ``batch_norm: false``: BN couples the samples of a batch, which the per-sample gradient
-    penalty assumes they are not (Gulrajani et al. 2017).
+    ``head: dense`` (paper): flatten, dense ``dense``, one raw logit per image, (B, 1);
+    ``head: patch``: a 1x1 conv to one logit per position of the last feature map, (B, h, w, 1)
+    (the losses average over positions: every position is a judged sample). ``spectral_norm``
+    wraps every kernel in spectral normalisation. For wasserstein_gp prefer ``batch_norm: false``:
+    BN couples the samples of a batch, which the per-sample gradient penalty assumes they are not
+    (Gulrajani et al. 2017).
     """
     f, bn = cfg.filters, cfg.batch_norm
+
+    def layer(inner: layers.Layer) -> layers.Layer:
+        return layers.SpectralNormalization(inner, name=f"{inner.name}_sn") if cfg.spectral_norm else inner
+
     hr = keras.Input(shape=(hr_patch, hr_patch, 3), name="hr")
     x = layers.Rescaling(2.0, offset=-1.0, name="to_pm1")(hr)
-    widths = (f, f, 2 * f, 2 * f, 4 * f, 4 * f, 8 * f, 8 * f)
+    widths = (f, f, 2 * f, 2 * f, 4 * f, 4 * f, 8 * f, 8 * f)[:cfg.convs]
     for i, w in enumerate(widths):
         use_bn = bn and i > 0  # no BN after the first conv, as in the paper
-        x = _conv(w, 3, f"conv{i}", strides=1 if i % 2 == 0 else 2, use_bias=not use_bn)(x)
+        x = layer(_conv(w, 3, f"conv{i}", strides=1 if i % 2 == 0 else 2, use_bias=not use_bn))(x)
         if use_bn:
             x = layers.BatchNormalization(name=f"bn{i}")(x)
-        x = layers.LeakyReLU(negative_slope=0.2, name=f"lrelu{i}")(x)
+        x = layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name=f"lrelu{i}")(x)
+    if cfg.head == "patch":
+        logits = layer(_conv(1, 1, "logits", dtype="float32"))(x)
+        return keras.Model(hr, logits, name="discriminator")
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(cfg.dense, name="dense")(x)
-    x = layers.LeakyReLU(negative_slope=0.2, name="dense_lrelu")(x)
-    logits = layers.Dense(1, name="logits", dtype="float32")(x)
+    x = layer(layers.Dense(cfg.dense, name="dense"))(x)
+    x = layers.LeakyReLU(negative_slope=LEAKY_SLOPE, name="dense_lrelu")(x)
+    logits = layer(layers.Dense(1, name="logits", dtype="float32"))(x)
     return keras.Model(hr, logits, name="discriminator")
 
 

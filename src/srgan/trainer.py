@@ -384,9 +384,26 @@ class Trainer:
                 fake.append(sr[y:y + p, x:x + p])
         if not real:
             return {}
-        real_out, fake_out = (np.asarray(self.D(np.stack(a).astype("float32") / 255.0, training=False), np.float64)
-                              for a in (real, fake))
+        real_out, fake_out = self._judge(np.stack(real).astype("float32") / 255.0,
+                                         np.stack(fake).astype("float32") / 255.0)
         return metrics.d_health(real_out, fake_out, self.adv.verdict)
+
+    def _judge(self, real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """D's verdict per image on held-out patches, as D works in training: a batch of
+        ``train.batch_size`` real and as many generated patches at a time (batch-norm normalises
+        with that batch's statistics, which the moving averages only approximate), without
+        changing any of D's state. A patch D's logits are averaged over positions, as its loss does."""
+        n = self.cfg.train.batch_size
+        outs: list[np.ndarray] = []
+        for i in range(0, len(real), n):
+            r, f = real[i:i + n], fake[i:i + n]
+            both, _ = self.D.stateless_call(self.D.trainable_variables, self.D.non_trainable_variables,
+                                            np.concatenate([r, f]), training=True)
+            both = np.asarray(both, np.float64).reshape(len(r) + len(f), -1).mean(axis=1)
+            outs.append(both)
+        real_out = np.concatenate([o[:len(o) // 2] for o in outs])
+        fake_out = np.concatenate([o[len(o) // 2:] for o in outs])
+        return real_out, fake_out
 
     def _scorer(self) -> Any:
         """The evaluate stage's scorer (NIQE model loaded once); without NIQE when none is available."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics, tracking
-from .config import ROOT, Config, ConfigError, edit_params, replace
+from .config import ROOT, TUNE_RANGES, Config, ConfigError, edit_params, replace
 from .dataio import write_text_atomic
 from .trainer import Callback, NonFiniteLossError, TrainData
 
@@ -110,24 +110,24 @@ def open_study(cfg: Config, study_name: str, storage_url: str | None, seed: int 
 
 
 def suggest(trial, cfg: Config) -> Config:
-    """The trial's config: sampled Per-Pix weights and loss, the tune section's step budget."""
+    """The trial's config: the sampled params of the search space, the tune section's step budget."""
     t = cfg.tune
     over: dict[str, Any] = {
-        "loss.w_mse": trial.suggest_float("w_mse", *t.w_mse, log=True),
-        "loss.w_vgg": trial.suggest_float("w_vgg", *t.w_vgg, log=True),
-        "loss.w_adv": trial.suggest_float("w_adv", *t.w_adv, log=True),
-        "adv.loss": trial.suggest_categorical("adv_loss", list(t.losses)),
         "gan.steps": t.gan_steps,
         "train.val_every": t.report_every,
         "train.log_every": min(cfg.train.log_every, t.report_every),
     }
-    if t.lr_gan:
-        over["gan.lr"] = trial.suggest_float("lr_gan", *t.lr_gan, log=True)
+    for name, key in TUNE_RANGES.items():
+        if getattr(t, name):
+            over[key] = trial.suggest_float(name, *getattr(t, name), log=True)
+    if len(t.losses) > 1:
+        over["adv.loss"] = trial.suggest_categorical("adv_loss", list(t.losses))
+    else:
+        over["adv.loss"] = t.losses[0]
     return replace(cfg, over)
 
 
-PARAM_KEYS = {"w_mse": "loss.w_mse", "w_vgg": "loss.w_vgg", "w_adv": "loss.w_adv",
-              "adv_loss": "adv.loss", "lr_gan": "gan.lr"}
+PARAM_KEYS = {**TUNE_RANGES, "adv_loss": "adv.loss"}
 
 
 class PruningCallback(Callback):
@@ -202,6 +202,13 @@ def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srre
             trial.set_user_attr("fail_reason", str(exc))
             raise
         trial.set_user_attr("mlflow_run_id", run_id)
+        # whether D learned in this trial's budget (trials.csv, the report): a trial whose D stayed
+        # at chance tuned weights of an adversarial term that taught nothing
+        for key in ("val_d_acc", "val_d_auc"):
+            if key in result.val:
+                trial.set_user_attr(key.removeprefix("val_"), round(result.val[key], 4))
+        if "val_d_acc" in result.val:
+            trial.set_user_attr("d_separates", bool(result.val["val_d_acc"] >= metrics.D_SEPARATES))
         values = [result.val[objective_key(o)] for o in cfg.tune.objectives]
         return values[0] if single else values
 
