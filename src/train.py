@@ -28,12 +28,8 @@ def main(cfg: Config, args) -> None:
         cfg, "gan", data, args.model, args.checkpoints, args.reports, run_name=f"srgan-{cfg.adv.loss}",
         extra_tags={"srresnet.run_id": pre.get("run_id")}, init_generator=args.srresnet,
         data_offset=int(pre.get("total_steps", 0)))
-    from srgan import distribute, tracking
+    from srgan import tracking
 
-    if distribute.cluster_task(cfg.train.distribute).chief:  # other workers of a cluster keep nothing
-        # an MLflow Model too: `mlflow models serve -m runs:/<id>/mlflow_model` upscales what it is sent
-        tracking.log_generator_model(run_id, args.model, cfg.evaluate.tile, cfg.evaluate.tile_overlap,
-                                     cfg.preprocess.scale)
     print(f"MLflow run {run_id}: " + " ".join(f"{k}={v:.4f}" for k, v in result.val.items()))
     if run_id:  # where `make ui` (or `mlflow ui`) shows it
         print(f"  {tracking.ui_link(cfg.tracking.experiment, run_id)}")

@@ -279,7 +279,7 @@ def test_jit_compile_with_a_replicated_step_is_refused_at_config_time():
 
 
 def test_a_worker_train_state_only_reads_the_chiefs_folder(tmp_path):
-    from srgan.trainer import TrainState
+    from srgan.state import TrainState
 
     chief = TrainState(tmp_path, "gan", "d" * 64)
     chief.bind_run("run-1")

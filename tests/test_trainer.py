@@ -91,14 +91,14 @@ def test_gan_phase_starts_from_the_srresnet_weights(processed_dir, pretrained):
     from srgan.trainer import Trainer, TrainStateError, prepare_runtime
 
     cfg = tiny_config()
-    prepare_runtime(cfg)
+    rt = prepare_runtime(cfg)
     path = pretrained / "models" / "srresnet.keras"
-    t = Trainer(cfg, "gan", init_generator=path)
+    t = Trainer(cfg, "gan", rt, init_generator=path)
     for a, b in zip(t.G.get_weights(), models.load_generator(path).get_weights()):
         np.testing.assert_array_equal(a, b)
     wider = tiny_config(**{"model.generator.filters": 8})
     with pytest.raises(TrainStateError, match="does not have the architecture of model.generator"):
-        Trainer(wider, "gan", init_generator=path)
+        Trainer(wider, "gan", rt, init_generator=path)
 
 
 @pytest.mark.slow
@@ -183,11 +183,12 @@ def test_killed_training_resumes_with_its_run_and_its_curve(processed_dir, mlflo
 
 def _trained_state(processed_dir: Path, root: Path, steps: int = 6):
     """A finished-looking but unmarked pretrain state folder with checkpoints at 2, 4 and 6."""
-    from srgan.trainer import TrainData, TrainState, train, training_digest
+    from srgan.state import TrainState, training_digest
+    from srgan.trainer import PHASE_PARAMS, TrainData, train
 
     cfg = tiny_config(**{"pretrain.steps": steps})
     data = TrainData.load(processed_dir, 1)
-    state = TrainState(root, "pretrain", training_digest(cfg, "pretrain", data.manifest_digest))
+    state = TrainState(root, "pretrain", training_digest(cfg, "pretrain", PHASE_PARAMS["pretrain"], data.manifest_digest))
     train(cfg, "pretrain", data, state)
     return cfg, data, state
 
@@ -201,7 +202,8 @@ def _flip_block(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["flipped_data", "truncated_data", "empty_index", "garbage_state_file"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(processed_dir, tmp_path, caplog, damage):
-    from srgan.trainer import Trainer, TrainState, prepare_runtime
+    from srgan.state import TrainState
+    from srgan.trainer import Trainer, prepare_runtime
 
     cfg, data, state = _trained_state(processed_dir, tmp_path)
     assert state.checkpoints() == [6, 4, 2]
@@ -216,10 +218,10 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(process
     else:  # TensorFlow's own `checkpoint` state file and our state.json: neither is needed to resume
         (state.dir / "checkpoint").write_text("garbage\x00\x01")
         (state.dir / "state.json").write_text("{not json")
-    prepare_runtime(cfg)
+    rt = prepare_runtime(cfg)
     again = TrainState(tmp_path, "pretrain", state.digest)
     with caplog.at_level(logging.WARNING):
-        step = again.restore(Trainer(cfg, "pretrain"))
+        step = again.restore(Trainer(cfg, "pretrain", rt))
     if damage == "garbage_state_file":
         assert step == 6
         assert "state.json is damaged" in caplog.text
@@ -229,19 +231,20 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(process
 
 
 def test_every_checkpoint_damaged_restarts_from_zero_with_a_warning(processed_dir, tmp_path, caplog):
-    from srgan.trainer import Trainer, TrainState, prepare_runtime
+    from srgan.state import TrainState
+    from srgan.trainer import Trainer, prepare_runtime
 
     cfg, data, state = _trained_state(processed_dir, tmp_path)
     for idx in state.dir.glob("*.index"):
         idx.write_bytes(b"\x00" * 10)
-    prepare_runtime(cfg)
+    rt = prepare_runtime(cfg)
     with caplog.at_level(logging.WARNING):
-        assert TrainState(tmp_path, "pretrain", state.digest).restore(Trainer(cfg, "pretrain")) == 0
+        assert TrainState(tmp_path, "pretrain", state.digest).restore(Trainer(cfg, "pretrain", rt)) == 0
     assert "no intact checkpoint" in caplog.text
 
 
 def test_a_completed_training_is_never_resumed_and_old_params_are_kept(processed_dir, tmp_path):
-    from srgan.trainer import TrainState
+    from srgan.state import TrainState
 
     cfg, data, state = _trained_state(processed_dir, tmp_path)
     state.bind_run("run-a")
@@ -274,12 +277,12 @@ def test_public_steps_return_their_loss_parts(processed_dir):
     from srgan.trainer import Trainer, prepare_runtime
 
     cfg = tiny_config()
-    prepare_runtime(cfg)
+    rt = prepare_runtime(cfg)
     lr, hr = tf.random.uniform((4, 4, 4, 3)), tf.random.uniform((4, 16, 16, 3))
     # the pretrain loss (l1 by default) and MSE, which is always logged (PSNR's own loss)
-    assert set(Trainer(cfg, "pretrain").pretrain_step((lr, hr))) == {"g_mse", "g_l1"}
-    assert set(Trainer(tiny_config(**{"pretrain.loss": "mse"}), "pretrain").pretrain_step((lr, hr))) == {"g_mse"}
-    gan = Trainer(cfg, "gan")
+    assert set(Trainer(cfg, "pretrain", rt).pretrain_step((lr, hr))) == {"g_mse", "g_l1"}
+    assert set(Trainer(tiny_config(**{"pretrain.loss": "mse"}), "pretrain", rt).pretrain_step((lr, hr))) == {"g_mse"}
+    gan = Trainer(cfg, "gan", rt)
     assert set(gan.d_step((lr, hr))) == {"d_loss", "d_gp"}
     parts = gan.gan_step((lr, hr))
     assert {"g_total", "g_mse", "g_vgg", "g_adv", "d_loss", "d_real", "d_fake"} <= set(parts)
@@ -294,8 +297,8 @@ def test_control_arm_trains_g_without_a_discriminator(processed_dir):
     from srgan.trainer import Trainer, prepare_runtime
 
     cfg = tiny_config(**{"adv.loss": "none"})
-    prepare_runtime(cfg, "gan")
-    gan = Trainer(cfg, "gan")
+    rt = prepare_runtime(cfg, "gan")
+    gan = Trainer(cfg, "gan", rt)
     assert gan.D is None and gan.d_step is None and gan.adv is None
     assert "discriminator" not in gan.checkpoint._trackable_children()  # nothing of a D is saved either
     lr, hr = tf.random.uniform((4, 4, 4, 3)), tf.random.uniform((4, 16, 16, 3))
@@ -313,8 +316,8 @@ def test_d_learning_rate_is_its_own(processed_dir):
     from srgan.trainer import Trainer, prepare_runtime
 
     cfg = tiny_config(**{"gan.lr": 1e-4, "gan.d_lr": 4e-4, "gan.lr_schedule": "constant"})
-    prepare_runtime(cfg, "gan")
-    gan = Trainer(cfg, "gan")
+    rt = prepare_runtime(cfg, "gan")
+    gan = Trainer(cfg, "gan", rt)
     assert float(gan.opt_g.learning_rate) == pytest.approx(1e-4)
     assert float(gan.opt_d.learning_rate) == pytest.approx(4e-4)
 
@@ -323,8 +326,8 @@ def test_validation_reports_d_health_and_warns_at_chance(processed_dir, caplog):
     from srgan.trainer import Trainer, d_health_warning, prepare_runtime
 
     cfg = tiny_config()
-    prepare_runtime(cfg, "gan")
-    gan = Trainer(cfg, "gan")
+    rt = prepare_runtime(cfg, "gan")
+    gan = Trainer(cfg, "gan", rt)
     state = [w.numpy().copy() for w in gan.D.weights]
     val, _ = gan.validate(dataio.load_pairs(processed_dir / "valid", limit=2))
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(state, gan.D.weights))  # judging changes nothing of D

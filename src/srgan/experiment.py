@@ -2,7 +2,7 @@
 
 Used by the pretrain and train stages (one run each per `dvc repro`), by every tuning trial (a
 nested run) and by the study. Resume: a killed run continues in the same MLflow run when the
-params digest is the same (``trainer.TrainState`` knows the run); a finished run is never reopened.
+params digest is the same (``state.TrainState`` knows the run); a finished run is never reopened.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import numpy as np
 from . import dataio, distribute, tracking
 from .config import Config
 from .dataio import HISTORY_NAME, SUMMARY_NAME
-from .trainer import (PHASE_PARAMS, Callback, Phase, TrainData, TrainResult, TrainState, d_health_warning, train,
-                      training_digest)
+from .state import TrainState, training_digest
+from .trainer import (PHASE_PARAMS, Callback, Phase, Runtime, TrainData, TrainResult, d_health_warning, prepare_runtime,
+                      train)
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +112,22 @@ def run_training(
 ) -> tuple[str, TrainResult]:
     """Train one phase under an MLflow run; returns (run id, result).
 
-    ``ckpt_root`` holds the resumable state (see ``trainer.TrainState``). On success the generator
-    is saved to ``model_path`` and logged as the run's artifact ``model/generator.keras``, and
-    ``reports_dir`` gets history.csv and summary.json. A failure (e.g. a NaN loss) marks the run
-    FAILED and re-raises.
+    ``ckpt_root`` holds the resumable state (see ``state.TrainState``). On success the generator
+    is saved to ``model_path`` and logged as the run's artifact ``model/<name>.keras`` (the
+    adversarial phase's also as the servable MLflow Model), and ``reports_dir`` gets history.csv
+    and summary.json. A failure (e.g. a NaN loss) marks the run FAILED and re-raises.
 
     ``train.distribute: multi_worker``: only the chief does all of this; every other worker trains
     the same steps and writes nothing of its own (see :func:`_train_as_worker`).
     """
-    task = distribute.cluster_task(cfg.train.distribute)
+    runtime = prepare_runtime(cfg, phase)  # the strategy, task and precision of this process, once
+    task = runtime.task
     init_digest = dataio.sha256_file(init_generator) if init_generator else None
-    state = (TrainState(ckpt_root, phase, training_digest(cfg, phase, data.manifest_digest, init_digest),
+    state = (TrainState(ckpt_root, phase, training_digest(cfg, phase, PHASE_PARAMS[phase], data.manifest_digest, init_digest),
                         chief=task.chief)
              if ckpt_root is not None else None)
     if not task.chief:
-        return _train_as_worker(cfg, phase, data, state, callbacks, init_generator, data_offset, task)
+        return _train_as_worker(cfg, phase, data, state, callbacks, init_generator, data_offset, runtime)
     run = tracking.resume_run(state.run_id) if state is not None and state.run_id else None
     if run is not None:
         log.info("continuing MLflow run %s", run.run_id)
@@ -146,7 +148,8 @@ def run_training(
     started = time.time()
     with tracking.run_context(run, exception_status), run.system_metrics():
         run.log_dict(cfg.to_dict(), "config/params.json")
-        trainer, result = train(cfg, phase, data, state, cbs, init_generator=init_generator, data_offset=data_offset)
+        trainer, result = train(cfg, phase, data, state, cbs, init_generator=init_generator, data_offset=data_offset,
+                                runtime=runtime)
         summary = {**baseline, **result.val, "train_seconds_this_session": time.time() - started,
                    "total_steps": result.total_steps, "resumed_from": result.resumed_from}
         if warning := d_health_warning(result.val):
@@ -156,6 +159,10 @@ def run_training(
         if model_path is not None:
             trainer.export_generator(model_path)
             run.log_artifact(model_path, "model")
+            if phase == "gan":
+                # the servable MLflow Model too: `mlflow models serve -m runs:/<id>/mlflow_model`
+                ev = cfg.evaluate
+                tracking.log_generator_model(run.run_id, model_path, ev.tile, ev.tile_overlap, cfg.preprocess.scale)
         if reports_dir is not None:
             dataio.write_json_atomic(Path(reports_dir) / SUMMARY_NAME, {"run_id": run.run_id, **summary})
             run.log_artifact(Path(reports_dir) / HISTORY_NAME, "train")
@@ -179,14 +186,16 @@ def _end_together(trainer: Any, task: distribute.Task) -> None:
 
 def _train_as_worker(cfg: Config, phase: Phase, data: TrainData, state: TrainState | None,
                      callbacks: Sequence[Callback], init_generator: Path | None,
-                     data_offset: int, task: distribute.Task) -> tuple[str, TrainResult]:
+                     data_offset: int, runtime: Runtime) -> tuple[str, TrainResult]:
     """A non-chief worker of a multi-worker training: the chief's steps and checkpoint saves
     (TensorFlow's multi-worker rule: every worker saves, as a save may run collectives; the
     worker's go to a temporary folder, see ``TrainState``), but nothing of its own is kept: no
     MLflow run, no reports, no model (the chief's ``model_path``: a .keras export reads each
     variable's local copy, no collective, so the worker skips it). Returns the chief's run id
     (from the shared checkpoint folder)."""
+    task = runtime.task
     log.info("%s of a multi-worker training: the chief logs the MLflow run and writes the outputs", task.name)
-    trainer, result = train(cfg, phase, data, state, callbacks, init_generator=init_generator, data_offset=data_offset)
+    trainer, result = train(cfg, phase, data, state, callbacks, init_generator=init_generator, data_offset=data_offset,
+                            runtime=runtime)
     _end_together(trainer, task)
     return (state.run_id if state is not None else None) or "", result

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +25,9 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from . import dataio
-from .config import JIT_DISTRIBUTED_WHY, Config, PhaseConfig, flatten, resume_safe_keys
+from .config import JIT_DISTRIBUTED_WHY, Config, PhaseConfig
 from .dataio import Pair
+from .state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +41,6 @@ PHASE_PARAMS: dict[str, tuple[str, ...]] = {
     "gan": ("seed", "preprocess.scale", "model", "loss", "vgg", "adv", "train", "gan",
             "evaluate.tile", "evaluate.tile_overlap", "evaluate.niqe", "tracking"),
 }
-# Read by the phase but irrelevant to its weights: never a reason to discard a checkpoint.
-_NOT_IN_DIGEST = ("evaluate", "tracking")
 HEALTH_PATCHES = 32  # held-out patches per validation image on which D's health is measured
 
 
@@ -116,16 +112,32 @@ def phase_seed(cfg: Config, phase: Phase) -> int:
     return cfg.gan.seed if phase == "gan" else cfg.seed
 
 
-def prepare_runtime(cfg: Config, phase: Phase = "pretrain") -> dict[str, str]:
-    """Process-wide settings a training run needs before any model is built: the seed of every
-    RNG (Python, numpy, TF, Keras) and Keras' precision policy. Returns what it chose and why
-    (``train.precision: auto`` decides per machine), for the run's tags."""
+@dataclass(frozen=True)
+class Runtime:
+    """What a training process runs with, decided once at its entry (:func:`prepare_runtime`) and
+    passed down: the tf.distribute strategy, this process's cluster task, the precision and why."""
+
+    strategy: Any
+    task: Any  # distribute.Task
+    precision: str
+    precision_reason: str
+
+    def tags(self) -> dict[str, str]:
+        """For the run's tags: the precision chosen and why."""
+        return {"precision": self.precision, "precision.reason": self.precision_reason}
+
+
+def prepare_runtime(cfg: Config, phase: Phase = "pretrain") -> Runtime:
+    """Process-wide settings a training run needs before any model is built: the cluster task and
+    strategy (``train.distribute``), the seed of every RNG (Python, numpy, TF, Keras) and Keras'
+    precision policy (``train.precision: auto`` decides per machine)."""
     import keras
 
     from . import distribute
 
-    # first: a multi-worker strategy configures TF's collectives, which must precede any TF op
-    distribute.make_strategy(cfg.train.distribute)
+    task = distribute.cluster_task(cfg.train.distribute)  # a bad TF_CONFIG is named before TF starts
+    # first TF op: a multi-worker strategy configures TF's collectives, which must precede any other
+    strategy = distribute.make_strategy(cfg.train.distribute)
     keras.utils.set_random_seed(phase_seed(cfg, phase))
     if cfg.train.deterministic:
         import tensorflow as tf
@@ -134,7 +146,7 @@ def prepare_runtime(cfg: Config, phase: Phase = "pretrain") -> dict[str, str]:
         tf.config.experimental.enable_op_determinism()
     policy, why = distribute.choose_precision(cfg.train.precision)
     keras.mixed_precision.set_global_policy(policy)
-    return {"precision": policy, "precision.reason": why}
+    return Runtime(strategy, task, policy, why)
 
 
 def lr_schedule(phase: PhaseConfig, lr: float | None = None) -> Any:
@@ -157,16 +169,16 @@ def lr_schedule(phase: PhaseConfig, lr: float | None = None) -> Any:
 class Trainer:
     """Models, optimizers and compiled steps of one phase, under the configured strategy.
 
-    Call :func:`prepare_runtime` first (seed, precision policy). ``init_generator`` (a .keras
+    ``runtime``: from :func:`prepare_runtime` (strategy, seed, precision policy). ``init_generator`` (a .keras
     file, gan phase) sets the generator's weights after every network was built, so the
     discriminator's initialisation does not depend on where the generator came from.
     """
 
-    def __init__(self, cfg: Config, phase: Phase, init_generator: Path | None = None):
+    def __init__(self, cfg: Config, phase: Phase, runtime: Runtime, init_generator: Path | None = None):
         import keras
         import tensorflow as tf
 
-        from . import distribute, losses, models
+        from . import losses, models
 
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
@@ -174,7 +186,8 @@ class Trainer:
         self.phase_cfg: PhaseConfig = getattr(cfg, phase)
         t = cfg.train
         self.scale = cfg.preprocess.scale
-        self.strategy = distribute.make_strategy(t.distribute)
+        self.runtime = runtime
+        self.strategy = runtime.strategy
         self.replicas = self.strategy.num_replicas_in_sync
         if t.batch_size % self.replicas:
             raise ValueError(f"train.batch_size: {t.batch_size} is not divisible by the {self.replicas} replicas")
@@ -420,149 +433,6 @@ class Trainer:
         return self._scorer_cache
 
 
-# --------------------------------------------------------------------------- resumable state
-def training_digest(cfg: Config, phase: Phase, data_digest: str | None, init_digest: str | None = None) -> str:
-    """Digest of everything that shapes the phase's weights: resume only under the same one."""
-    d = cfg.to_dict()
-    safe = resume_safe_keys()
-    keep: dict[str, Any] = {}
-    for key in PHASE_PARAMS[phase]:
-        if key.split(".")[0] in _NOT_IN_DIGEST:
-            continue
-        node: Any = d
-        for part in key.split("."):
-            node = node[part]
-        if isinstance(node, dict):
-            node = {k: v for k, v in flatten(node, key + ".").items() if k not in safe}
-        keep[key] = node
-    return dataio.json_digest({"phase": phase, "params": keep, "data": data_digest, "init": init_digest})
-
-
-_CKPT = re.compile(r"^ckpt-(\d+)\.index$")
-
-
-class TrainState:
-    """A phase's resumable state: ``<root>/<phase>-<digest>/`` with checkpoints and state.json.
-
-    One folder per params digest, so a changed param trains in a new folder and reverting it finds
-    the old one again (the newest ``KEEP_FOLDERS`` per phase are kept). state.json holds the
-    digest, the MLflow run id and whether the training completed; a completed training is never
-    resumed (and its run never reopened): a new run of the same params trains afresh.
-
-    Checkpoints are ``ckpt-<step>`` (TensorFlow's bundle: data written first, the index renamed into
-    place last, so an index means a complete save). They are found by listing index files, not
-    through TensorFlow's ``checkpoint`` state file, and restored newest first: a damaged one
-    (flipped or truncated data, empty index) is skipped with a warning naming it.
-
-    Multi-worker training: the chief's TrainState is this one; every other worker has one with
-    ``chief=False`` on the same ``root``, which only reads (it restores the chief's checkpoints, so
-    ``root`` must be shared storage or a copy) and saves into a temporary folder deleted right away.
-    """
-
-    KEEP_FOLDERS = 3
-    KEEP_CHECKPOINTS = 3
-    STATE = "state.json"
-
-    def __init__(self, root: Path, phase: Phase, digest: str, chief: bool = True):
-        self.root, self.phase, self.digest, self.chief = Path(root), phase, digest, chief
-        self.dir = self.root / f"{phase}-{digest[:16]}"
-        self._fresh = False  # a worker that found a finished training: the chief starts it afresh
-        if chief:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        state = dataio.read_json(self.dir / self.STATE, None)
-        if state is None and (self.dir / self.STATE).exists():
-            log.warning("%s is damaged: ignored (checkpoints in %s are still used)", self.dir / self.STATE, self.dir)
-        self._state: dict[str, Any] = state if isinstance(state, dict) and state.get("digest") == digest else {}
-        if self._state.get("status") == "complete":
-            log.info("a finished training with these params exists in %s (run %s): training afresh",
-                     self.dir, self._state.get("run_id"))
-            if chief:
-                self.reset()
-            self._fresh = True
-        if chief:
-            self._write(status="running")
-            self._collect_old_folders()
-
-    # -- state.json ------------------------------------------------------------------------------
-    @property
-    def run_id(self) -> str | None:
-        """The MLflow run of the unfinished training in this folder, if any (a worker: the chief's, now)."""
-        if not self.chief:
-            state = dataio.read_json(self.dir / self.STATE, None)
-            return state.get("run_id") if isinstance(state, dict) and state.get("digest") == self.digest else None
-        return self._state.get("run_id")
-
-    def bind_run(self, run_id: str) -> None:
-        self._write(run_id=run_id)
-
-    def mark_complete(self) -> None:
-        """The training finished and its outputs were written: never resume it again."""
-        self._write(status="complete")
-
-    def _write(self, **values: Any) -> None:
-        if not self.chief:  # the chief's folder is the chief's alone
-            return
-        self._state.update(values, digest=self.digest, phase=self.phase)
-        dataio.write_json_atomic(self.dir / self.STATE, self._state)
-
-    def reset(self) -> None:
-        """Forget this folder's checkpoints and run (start from step 0)."""
-        if not self.chief:  # never delete the chief's files: just ignore them
-            self._fresh, self._state = True, {}
-            return
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._state = {}
-
-    def _collect_old_folders(self) -> None:
-        mine = sorted(self.root.glob(f"{self.phase}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in [p for p in mine if p != self.dir][self.KEEP_FOLDERS - 1:]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    def checkpoints(self) -> list[int]:
-        """Steps with a complete checkpoint, newest first."""
-        if self._fresh or not self.dir.is_dir():
-            return []
-        steps = [int(m.group(1)) for p in self.dir.iterdir() if (m := _CKPT.match(p.name))]
-        return sorted(steps, reverse=True)
-
-    def restore(self, trainer: Trainer) -> int:
-        """Restore the newest intact checkpoint into ``trainer``; returns its step (0 if none)."""
-        for step in self.checkpoints():
-            prefix = self.dir / f"ckpt-{step}"
-            try:
-                trainer.checkpoint.read(str(prefix)).assert_existing_objects_matched()
-            except Exception as exc:  # noqa: BLE001 - DataLossError, truncation, bad index: all mean damaged
-                log.warning("checkpoint %s is damaged (%s: %s); trying an older one", prefix,
-                            type(exc).__name__, " ".join(str(exc).split())[:300])
-                continue
-            if int(trainer.step.numpy()) != step:
-                log.warning("checkpoint %s holds step %d; trying an older one", prefix, int(trainer.step.numpy()))
-                continue
-            return step
-        if self.checkpoints():
-            log.warning("no intact checkpoint in %s: training from step 0", self.dir)
-        return 0
-
-    def save(self, trainer: Trainer, step: int) -> None:
-        """Write ``ckpt-<step>``; keep the newest KEEP_CHECKPOINTS."""
-        trainer.step.assign(step)
-        if not self.chief:
-            # every worker saves (TF's multi-worker checkpointing: a save may run collectives);
-            # only the chief's copy is kept
-            scratch = Path(tempfile.mkdtemp(prefix=f"srgan-{self.phase}-worker-"))
-            try:
-                trainer.checkpoint.write(str(scratch / f"ckpt-{step}"))
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            return
-        trainer.checkpoint.write(str(self.dir / f"ckpt-{step}"))
-        for old in self.checkpoints()[self.KEEP_CHECKPOINTS:]:
-            for f in self.dir.glob(f"ckpt-{old}.*"):
-                f.unlink(missing_ok=True)
-
-
 # --------------------------------------------------------------------------- the loop
 def _check_finite(step: int, logs: dict[str, float]) -> None:
     bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
@@ -613,26 +483,28 @@ def train(
     callbacks: Sequence[Callback] = (),
     init_generator: Path | None = None,
     data_offset: int = 0,
+    runtime: Runtime | None = None,
 ) -> tuple[Trainer, TrainResult]:
     """Run (or resume, from ``state``) one phase; returns the trainer (with its generator) and a result.
+    ``runtime``: the caller's :func:`prepare_runtime` (made here when this is the entry point).
 
     ``data_offset``: batches of the input stream already used by an earlier phase (the gan phase
     continues the stream where pre-training stopped instead of seeing its first batches again).
     """
     from . import distribute, pipeline
 
-    runtime = prepare_runtime(cfg, phase)
-    log.info("precision %s (%s)", runtime["precision"], runtime["precision.reason"])
-    trainer = Trainer(cfg, phase, init_generator=init_generator)
+    runtime = runtime or prepare_runtime(cfg, phase)
+    log.info("precision %s (%s)", runtime.precision, runtime.precision_reason)
+    trainer = Trainer(cfg, phase, runtime, init_generator=init_generator)
     total = trainer.total_steps
     start = state.restore(trainer) if state is not None else 0
-    task = distribute.cluster_task(cfg.train.distribute)
+    task = runtime.task
     _check_same_training(trainer, task, state, start)
     if start:
         log.info("resumed from checkpoint at step %d of %d", start, total)
     for cb in callbacks:
         cb.on_train_begin(cfg, start, total)
-        cb.on_runtime(runtime)
+        cb.on_runtime(runtime.tags())
 
     t = cfg.train
     result = TrainResult(phase=phase, step=start, total_steps=total, resumed_from=start)

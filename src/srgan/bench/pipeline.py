@@ -49,7 +49,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     solo = {"pipeline": alone(t.cache_mb), "streamed": alone(0)}
     runtime = prepare_runtime(cfg)
-    trainer = Trainer(cfg, "pretrain")
+    trainer = Trainer(cfg, "pretrain", runtime)
     step = trainer.pretrain_step
     its = {"pipeline": iter(trainer.strategy.experimental_distribute_dataset(batches(t.cache_mb))),
            "streamed": iter(trainer.strategy.experimental_distribute_dataset(batches(0)))}
@@ -79,7 +79,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             for source in FEEDS if r % 2 == 0 else FEEDS[::-1]:
                 feed(source)
     ratio = {f: sum(times[f]) / sum(times["memory"]) for f in FEEDS[1:]}
-    return {"cached": fits_in_memory(sorted(shards.glob("*.tfrecord")), t.cache_mb * MB), "precision": runtime["precision"], "crops_per_s": solo["pipeline"]["crops_per_s"],
+    return {"cached": fits_in_memory(sorted(shards.glob("*.tfrecord")), t.cache_mb * MB), "precision": runtime.precision, "crops_per_s": solo["pipeline"]["crops_per_s"],
             "cpu_alone": solo["pipeline"]["cpu"], "streamed_crops_per_s": solo["streamed"]["crops_per_s"],
             "steps_per_round": k, "rounds": spec["rounds"], "memory_s": stats(times["memory"]),
             "pipeline_s": stats(times["pipeline"]), "streamed_s": stats(times["streamed"]),

@@ -36,9 +36,9 @@ class BenchSteps:
 
         from ..trainer import Trainer, prepare_runtime
 
-        prepare_runtime(cfg)
+        runtime = prepare_runtime(cfg)
         self.precision = keras.config.dtype_policy().name  # what the config's precision chose here
-        pre, gan = Trainer(cfg, "pretrain"), Trainer(cfg, "gan")
+        pre, gan = Trainer(cfg, "pretrain", runtime), Trainer(cfg, "gan", runtime)
         self.G, self.D, self.uses_vgg = gan.G, gan.D, gan.vgg is not None
         self.steps = {"g_pretrain": pre.pretrain_step, "d_step": gan.d_step, "srgan": gan.gan_step}
 
