@@ -43,6 +43,31 @@ class ImageError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
+# Files in an image folder that are never images (notes, manifests, partial downloads)
+IGNORED_SUFFIXES = {".json", ".txt", ".md", ".csv", ".part", ".tmp", ".lock"}
+
+
+def list_images(folder: Path) -> list[str]:
+    """Candidate image files under ``folder`` (recursive), as sorted relative POSIX names.
+
+    Hidden files, fetch.json and obvious non-images (.json, .txt, .part, ...) are ignored; any
+    other file is tried and, if it does not decode, listed as skipped.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        if p.name == "fetch.json" or p.suffix.lower() in IGNORED_SUFFIXES:
+            continue
+        names.append(rel.as_posix())
+    return sorted(names)
+
+
+
 def load_rgb(path: PathLike | BinaryIO) -> np.ndarray:
     """Decode ``path`` fully into ``uint8`` HxWx3 RGB (EXIF orientation applied).
 

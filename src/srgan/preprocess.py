@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the shard/record layout or the crop rule changes
 PROGRESS_NAME = ".progress.json"
 MIN_VALID_LR_SIDE = 8  # LR px; smaller images make PSNR/SSIM (11x11 window, border crop) meaningless
-IGNORED_SUFFIXES = {".json", ".txt", ".md", ".csv", ".part", ".tmp", ".lock"}
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -78,26 +77,6 @@ class PreprocessError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def list_images(folder: Path) -> list[str]:
-    """Candidate image files under ``folder`` (recursive), as sorted relative POSIX names.
-
-    Hidden files, fetch.json and obvious non-images (.json, .txt, .part, ...) are ignored; any
-    other file is tried and, if it does not decode, listed as skipped.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    names = []
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        if p.name == "fetch.json" or p.suffix.lower() in IGNORED_SUFFIXES:
-            continue
-        names.append(rel.as_posix())
-    return sorted(names)
 
 
 def _clean_dir(folder: Path, keep: set[str]) -> int:
@@ -318,8 +297,8 @@ def preprocess(
     r, o = raw_dir.resolve(), out_dir.resolve()
     if r == o or r in o.parents or o in r.parents:  # stale-file cleanup must never reach raw data
         raise PreprocessError(f"output dir {out_dir} overlaps the raw dir {raw_dir}")
-    train_names = list_images(raw_dir / "train")
-    valid_names = list_images(raw_dir / "valid")
+    train_names = images.list_images(raw_dir / "train")
+    valid_names = images.list_images(raw_dir / "valid")
     if not train_names:
         raise PreprocessError(f"no training images in {raw_dir / 'train'} (run the fetch stage first)")
     if not valid_names:

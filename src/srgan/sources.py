@@ -203,7 +203,7 @@ def _div2k(cfg: Config, out: Path, ctx: _Ctx) -> tuple[dict, dict]:
 def _folder_images(folder: Path) -> list[str]:
     """Candidate image files under ``folder`` (recursive; hidden files and notes skipped); every
     file is tried by preprocess, which skips and lists the ones that do not decode."""
-    from .preprocess import list_images
+    from .images import list_images
 
     return list_images(folder)
 

@@ -67,12 +67,6 @@ def draw_box(img: np.ndarray, r: int, c: int, size: int, color: tuple[int, int, 
     return out
 
 
-def comparison_image(lr: np.ndarray, bicubic: np.ndarray, sr: np.ndarray, hr: np.ndarray,
-                     zoom: int) -> np.ndarray:
-    """Top row LR (nearest) | bicubic | SR | HR; bottom row the same zoomed detail, enlarged."""
-    return comparison_panels(lr, [bicubic, sr], hr, zoom)
-
-
 def comparison_panels(lr: np.ndarray, outputs: Sequence[np.ndarray], hr: np.ndarray, zoom: int) -> np.ndarray:
     """Top row LR (nearest) | each output | HR; bottom row the same zoomed detail of each, enlarged
     to one panel's width; the detail is framed on the HR panel."""
