@@ -234,3 +234,33 @@ def test_adaptive_seeds_go_to_overlapping_arms_and_say_why_others_stop():
     add = study.next_seeds(_cfg(**{"study.decide_by": "psnr_y", "study.budget_minutes": 1.0}), rows[:6],
                            started=__import__("time").time() - 50, seconds_per_run=30.0, stopped=stopped)
     assert add == {} and stopped["none"] == study.STOP_BUDGET
+
+
+@pytest.mark.slow
+def test_equal_tuning_effort_per_objective(processed_dir, pretrained, mlflow_uri, tmp_path):
+    """study.tune_trials: the same number of trials, budget and search space (w_adv, d_lr) for every
+    objective, none for the control; each trial nested under the study's parent; the seeds of an
+    objective then run at its best."""
+    from srgan.trainer import TrainData
+
+    cfg = _cfg(**{"study.tune_trials": 2, "study.decide_by": "psnr_y", "tune.w_adv": [1e-4, 1e-2],
+                  "tune.d_lr": [1e-5, 1e-3],
+                  "tune.gan_steps": 2, "tune.report_every": 2, "tune.pruner": "none"})
+    tracking.ensure_store()
+    parent = tracking.start_run("srgan", run_name="t1", tags={"kind": study.KIND, "study": "t1"})
+    best = study.tune_arms(cfg, "t1", parent.run_id, TrainData.load(processed_dir, 1),
+                           pretrained / "models" / "srresnet.keras", 0)
+    assert set(best) == {"hinge", "least_squares"}  # not the control: it has no adversarial term to tune
+    for arm, params in best.items():
+        assert set(params) == {"loss.w_adv", "gan.d_lr"}
+        assert 1e-4 <= params["loss.w_adv"] <= 1e-2 and 1e-5 <= params["gan.d_lr"] <= 1e-3
+    trials = [r for r in tracking.child_runs("srgan", parent.run_id) if r["tags"].get("optuna.trial") is not None]
+    assert sorted(r["tags"]["optuna.study"] for r in trials) == ["t1-tune-hinge"] * 2 + ["t1-tune-least_squares"] * 2
+    assert {r["params"]["gan.steps"] for r in trials} == {"2"}  # the same budget for each
+    exps = study.plan(cfg, "t1", tuned=best)
+    hinge = next(e for e in exps if e.loss == "hinge").config(cfg)
+    assert hinge.loss.w_adv == best["hinge"]["loss.w_adv"] and hinge.gan.d_lr == best["hinge"]["gan.d_lr"]
+    assert next(e for e in exps if e.loss == "none").config(cfg).loss.w_adv == cfg.loss.w_adv
+    assert study.rows_of("srgan", parent.run_id) == []  # tuning trials are not the study's runs
+    with pytest.raises(study.StudyError, match=r"a range in tune.d_lr to search \(it is \[\]\)"):
+        study.tuning_config(_cfg(**{"tune.d_lr": []}), "hinge")

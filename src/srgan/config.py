@@ -304,6 +304,7 @@ class StudyConfig(Section):
     max_seeds: PosInt
     budget_minutes: PosFloat
     decide_by: str
+    tune_trials: NonNegInt
     archs: list[str]
     jobs: NonNegInt
     crop_images: PosInt

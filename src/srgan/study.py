@@ -70,15 +70,17 @@ def arm_name(loss: str, arch: str, archs: Sequence[str]) -> str:
     return loss if len(archs) == 1 else f"{loss}/{arch}"
 
 
-def plan(cfg: Config, study_id: str, seeds: Mapping[str, Sequence[int]] | None = None) -> list[Experiment]:
-    """Every (architecture, arm, seed) as a DVC experiment; ``seeds``: arm -> seeds (default: study.seeds)."""
+def plan(cfg: Config, study_id: str, seeds: Mapping[str, Sequence[int]] | None = None,
+         tuned: Mapping[str, Mapping[str, Any]] | None = None) -> list[Experiment]:
+    """Every (architecture, arm, seed) as a DVC experiment; ``seeds``: arm -> seeds (default:
+    study.seeds); ``tuned``: arm -> the params its tuning chose (study.tune_trials)."""
     st = cfg.study
     out = []
     for arch in st.archs:
         for loss in st.losses:
             arm = arm_name(loss, arch, st.archs)
             for seed in (seeds or {}).get(arm, st.seeds):
-                over: dict[str, Any] = {"adv.loss": loss, "gan.seed": seed}
+                over: dict[str, Any] = {**(tuned or {}).get(arm, {}), "adv.loss": loss, "gan.seed": seed}
                 if arch != cfg.model.generator.arch:
                     over["model.generator.arch"] = arch
                 out.append(Experiment(f"{study_id}-{arch}-{loss}-s{seed}", loss, seed, arch, over))
@@ -146,11 +148,11 @@ def rows_of(experiment: str, parent_run_id: str, with_images: bool = True) -> li
     (arm, seed, arch from the run's own params), metrics and per-image scores."""
     rows = []
     for run in tracking.child_runs(experiment, parent_run_id):
-        if run["tags"].get("phase") != "gan" or run["status"] != "FINISHED":
-            continue
+        if "study.experiment" not in run["tags"] or run["status"] != "FINISHED":
+            continue  # tuning trials are nested under the parent too, but are not the study's runs
         p = run["params"]
         rows.append({
-            "experiment": run["tags"].get("study.experiment", run["run_name"]),
+            "experiment": run["tags"]["study.experiment"],
             "loss": p.get("adv.loss", run["tags"].get("adv.loss", "?")),
             "seed": int(p.get("gan.seed", -1)),
             "arch": run["tags"].get("study.arch", p.get("model.generator.arch", "?")),
@@ -281,6 +283,45 @@ def _jobs(cfg: Config) -> int:
     return cfg.study.jobs or max(1, (os.cpu_count() or 2) // 2)
 
 
+# --------------------------------------------------------------------------- equal tuning effort
+TUNED_RANGES = ("w_adv", "d_lr")  # what each objective's tuning searches (tune.<name> ranges)
+
+
+def tuning_config(cfg: Config, loss: str) -> Config:
+    """The tune section of one objective's tuning: only ``loss``, only ``TUNED_RANGES`` searched
+    (tune.* ranges, the same for every objective), ``study.decide_by`` as the one objective."""
+    from .config import TUNE_RANGES
+
+    over: dict[str, Any] = {"tune.losses": [loss], "tune.objectives": [cfg.study.decide_by]}
+    over.update({f"tune.{name}": [] for name in TUNE_RANGES if name not in TUNED_RANGES})
+    for name in TUNED_RANGES:
+        if not getattr(cfg.tune, name):
+            raise StudyError(f"study.tune_trials needs a range in tune.{name} to search (it is [])")
+    return replace(cfg, over)
+
+
+def tune_arms(cfg: Config, study_id: str, parent_run_id: str, data: Any, srresnet: Path,
+              data_offset: int) -> dict[str, dict[str, Any]]:
+    """``study.tune_trials`` Optuna trials per objective (the control has nothing to tune), each
+    trial a run nested under the study's parent; returns arm -> the best trial's params."""
+    from . import tune
+
+    best: dict[str, dict[str, Any]] = {}
+    for arch in cfg.study.archs:
+        for loss in cfg.study.losses:
+            if loss == NO_ADVERSARIAL:
+                continue
+            arm = arm_name(loss, arch, cfg.study.archs)
+            tcfg = tuning_config(cfg if arch == cfg.model.generator.arch else
+                                 replace(cfg, {"model.generator.arch": arch}), loss)
+            name = f"{study_id}-tune-{arm.replace('/', '-')}"
+            st = tune.run_study(tcfg, data, name, None, cfg.study.tune_trials, None, parent_run_id, srresnet,
+                                data_offset)
+            best[arm] = tune.best_overrides(st, tcfg)
+            log.info("tuning %s: best %s", arm, best[arm])
+    return best
+
+
 # --------------------------------------------------------------------------- the run
 def run_study(cfg: Config, study_id: str, jobs: int | None = None) -> tuple[str, dict[str, str]]:
     """Run the study as queued DVC experiments under one MLflow parent run; returns (parent run id,
@@ -293,7 +334,12 @@ def run_study(cfg: Config, study_id: str, jobs: int | None = None) -> tuple[str,
     started, stopped = time.time(), {}
     jobs = jobs or _jobs(cfg)
     with tracking.run_context(parent):
-        exps = plan(cfg, study_id)
+        tuned: dict[str, dict[str, Any]] = {}
+        if cfg.study.tune_trials:
+            tuned = _tune_from_pretrained(cfg, study_id, parent.run_id)
+            parent.log_dict(tuned, "tuned.json")
+            parent.set_tags({f"study.tuned.{arm}": str(v) for arm, v in tuned.items()})
+        exps = plan(cfg, study_id, tuned=tuned)
         seeds: dict[str, list[int]] = {}
         n_run = 0
         while exps:
@@ -306,12 +352,26 @@ def run_study(cfg: Config, study_id: str, jobs: int | None = None) -> tuple[str,
             add = next_seeds(cfg, rows, started, per_run, stopped)
             for arm, s in add.items():
                 seeds[arm] = s
-            exps = [e for e in plan(cfg, study_id, seeds) if arm_name(e.loss, e.arch, cfg.study.archs) in add]
+            exps = [e for e in plan(cfg, study_id, seeds, tuned) if arm_name(e.loss, e.arch, cfg.study.archs) in add]
             if exps:
                 log.info("adding a seed to %s (intervals still overlap)", ", ".join(add))
         parent.log_metrics({"study_seconds": time.time() - started, "runs": n_run})
         parent.set_tags({f"study.stop.{arm}": why for arm, why in stopped.items()})
     return parent.run_id, stopped
+
+
+def _tune_from_pretrained(cfg: Config, study_id: str, parent_run_id: str) -> dict[str, dict[str, Any]]:
+    """Equal tuning effort from the pretrain stage's outputs in this workspace (one arch: several
+    architectures would need each one's pretrained generator, which DVC keeps in its run cache)."""
+    from .dataio import SUMMARY_NAME
+    from .trainer import TrainData
+
+    if len(cfg.study.archs) > 1:
+        raise StudyError("study.tune_trials works with one generator architecture (study.archs)")
+    pre = dataio.read_json(ROOT / "reports" / "pretrain" / SUMMARY_NAME, {})
+    data = TrainData.load(ROOT / "data" / "processed", cfg.train.val_images)
+    return tune_arms(cfg, study_id, parent_run_id, data, ROOT / "models" / "srresnet.keras",
+                     int(pre.get("total_steps", 0)))
 
 
 # --------------------------------------------------------------------------- report

@@ -31,12 +31,14 @@ def objective_key(name: str) -> str:
 
 
 def check_objectives(cfg: Config) -> None:
-    """``tune.objectives`` must name registered image metrics that have a direction."""
-    allowed = [m.name for m in metrics.image_metrics() if m.higher_is_better is not None]
+    """``tune.objectives`` must name registered image metrics that have a direction and that this
+    config scores (NIQE needs ``evaluate.niqe``)."""
+    scored = metrics.Scorer.from_config(cfg.evaluate, cfg.preprocess.scale).names
+    allowed = [m.name for m in metrics.image_metrics() if m.higher_is_better is not None and m.name in scored]
     for name in cfg.tune.objectives:
         if name not in allowed:
-            raise ConfigError(f"tune.objectives: {name!r} is not a metric tuning can optimise; "
-                              f"allowed: {', '.join(allowed)}")
+            raise ConfigError(f"tune.objectives: {name!r} is not a metric tuning can optimise with this "
+                              f"config (evaluate.niqe: {cfg.evaluate.niqe}); allowed: {', '.join(allowed)}")
 
 
 def make_storage(url: str | None):
