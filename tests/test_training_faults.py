@@ -1,0 +1,94 @@
+"""A training stage under the faults of GitHub issue 28, items 4 and 7, with real processes: SIGTERM
+(what `kill`, schedulers and container stops send) and an MLflow sqlite store that another process
+holds locked (``BEGIN EXCLUSIVE``) or that is not a database at all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from conftest import write_params
+from srgan import dataio, tracking
+from srgan.config import ROOT
+
+STAGE_TIMEOUT = 600  # s: a tiny pretrain stage, TensorFlow start-up included, on 2 busy cores
+
+
+def _pretrain_cmd(params: Path, processed: Path, tmp_path: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "src" / "pretrain.py"), "--params", str(params),
+            "--processed", str(processed), "--model", str(tmp_path / "models" / "srresnet.keras"),
+            "--checkpoints", str(tmp_path / "models" / "checkpoints"), "--reports", str(tmp_path / "reports")]
+
+
+def _logged_steps(tmp_path: Path) -> int:
+    """The last step in the stage's history.csv (0 before the first log)."""
+    rows = dataio.read_csv(tmp_path / "reports" / "history.csv")
+    return int(float(rows[-1]["step"])) if rows else 0
+
+
+def _wait_for_step(proc: subprocess.Popen, tmp_path: Path, step: int, timeout: float = STAGE_TIMEOUT) -> None:
+    deadline = time.time() + timeout
+    while _logged_steps(tmp_path) < step:
+        assert proc.poll() is None, "the stage ended early:\n" + proc.communicate()[0]
+        assert time.time() < deadline, f"no step {step} after {timeout} s"
+        time.sleep(0.2)
+
+
+@contextmanager
+def locked(db: Path) -> Iterator[subprocess.Popen]:
+    """Another process holds ``db`` with ``BEGIN EXCLUSIVE`` until the block ends (then it rolls back)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys\n"
+         "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "c.execute('BEGIN EXCLUSIVE')\n"
+         "print('locked', flush=True)\n"
+         "sys.stdin.read()\n"  # until the test closes stdin
+         "c.execute('ROLLBACK')\n", str(db)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+
+
+def _only_run(status: str | None = None) -> dict:
+    runs = tracking.search_runs("srgan")
+    assert len(runs) == 1, runs
+    if status:
+        assert runs[0]["status"] == status, runs[0]
+    return runs[0]
+
+
+@pytest.mark.slow
+def test_sigterm_during_pretrain_ends_the_run_killed_with_one_line(processed_dir, mlflow_uri, tmp_path):
+    """Issue 28 item 7: SIGTERM ended the process at once with nothing printed and left the run RUNNING."""
+    params = write_params(tmp_path / "params.yaml", **{
+        "pretrain.steps": 100_000, "train.checkpoint_every": 5, "train.log_every": 5, "train.val_every": 100_000})
+    proc = subprocess.Popen(_pretrain_cmd(params, processed_dir, tmp_path),
+                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_step(proc, tmp_path, 10)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("terminated (SIGTERM)") and "run the same command again to resume" in last, out
+    assert _only_run("KILLED")
+    assert not (tmp_path / "models" / "srresnet.keras").exists()  # no output that looks whole
