@@ -30,6 +30,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
@@ -215,8 +216,16 @@ def ui_link(experiment: str, run_id: str | None = None, base: str = "http://127.
     return f"{base}/{ui_path(exp_id, run_id)}"
 
 
+# What a run runs: its code, its params and the pinned environment (paths relative to the repository).
+# Not DVC's bookkeeping (dvc.lock, the .gitignore entries it adds), outputs, docs or tests: a
+# change there cannot change a run, and counting it made every run of a fresh clone "dirty".
+RUN_INPUTS = ("src", "params.yaml", "dvc.yaml", "pyproject.toml", "requirements.lock", "requirements-nodeps.txt")
+SOURCE_TYPE_LOCAL = "LOCAL"  # MLflow's source type of a run started by a local script
+
+
 def git_state(root: Path = ROOT) -> dict[str, str]:
-    """Commit hash and whether the work tree has uncommitted changes (for lineage tags)."""
+    """Commit hash, and whether the code or params a run depends on (:data:`RUN_INPUTS`, tracked
+    changes and new files) differ from it (for lineage tags)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -225,10 +234,26 @@ def git_state(root: Path = ROOT) -> dict[str, str]:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=all", "--", *RUN_INPUTS))
     except (OSError, subprocess.CalledProcessError):
         return {"git.commit": "unknown", "git.dirty": "unknown"}
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's own source tags (the UI's Source column and its commit): the script that runs,
+    relative to the repository when inside it, as a local source at ``commit``."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or (sys.argv[0] if sys.argv else "")
+    name = "<console>"
+    if main:
+        path = Path(main).resolve()
+        name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    tags = {MLFLOW_SOURCE_NAME: name, MLFLOW_SOURCE_TYPE: SOURCE_TYPE_LOCAL}
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 class Run:
@@ -348,7 +373,9 @@ def start_run(
 ) -> Run:
     """Create a run (nested under ``parent_run_id`` if given) with git lineage tags."""
     exp_id = experiment_id(experiment)
-    all_tags = {**git_state(), **{k: v for k, v in (tags or {}).items() if v is not None}}
+    git = git_state()
+    all_tags = {**git, **source_tags(git["git.commit"]),
+                **{k: v for k, v in (tags or {}).items() if v is not None}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if run_name:
