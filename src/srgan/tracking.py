@@ -42,7 +42,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import limits
 from .config import ROOT, TRAINING_SECTIONS, Config, shared_root
+from .errors import ExpectedError
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +143,119 @@ def _is_unique_violation(err: Exception) -> bool:
     return any(mark in text for mark in ("UNIQUE constraint failed", "IntegrityError", "duplicate key value"))
 
 
-def _client():
+# -- a locked or unusable sqlite store ---------------------------------------------------------------
+LOCKED = "database is locked"  # sqlite's words when another process holds the lock
+# sqlite's words for a store that cannot be used as it is -> what to do about it
+UNUSABLE = {
+    "file is not a database": "move it aside (mv {db} {db}.broken) and run again to start a new store, "
+                              "or restore it from a backup",
+    "database disk image is malformed": "move it aside (mv {db} {db}.broken) and run again to start a new "
+                                        "store, or restore it from a backup",
+    "attempt to write a readonly database": "make it (and its folder) writable, or point MLFLOW_TRACKING_URI "
+                                            "at a writable store",
+    "unable to open database file": "check that its folder exists and is writable, or point "
+                                    "MLFLOW_TRACKING_URI elsewhere",
+}
+LOCK_RETRY_S = 1.0  # pause between tries while a store stays locked (each try waits MLflow's 20 s anyway)
+MLFLOW_BUSY_TIMEOUT_S = 20  # MLflow's own sqlite busy timeout (its sessions' PRAGMA busy_timeout)
+
+
+class TrackingStoreError(ExpectedError):
+    """The MLflow store cannot be used: locked for longer than the wait, or not a usable database."""
+
+
+def lock_wait_s() -> float:
+    """How long to wait for a locked sqlite store, beyond MLflow's own busy timeout (seconds):
+    ``$SRGAN_MLFLOW_LOCK_WAIT_S``, else :data:`limits.MLFLOW_LOCK_WAIT_S`."""
+    text = os.environ.get(limits.MLFLOW_LOCK_WAIT_ENV)
+    if text is None:
+        return limits.MLFLOW_LOCK_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise TrackingStoreError(f"{limits.MLFLOW_LOCK_WAIT_ENV}={text!r}: expected a number of seconds >= 0")
+    return value
+
+
+class _LockReported(logging.Filter):
+    """Drops MLflow's own log records about a locked store (a traceback per try in the store's
+    session code, a warning per sample in the system-metrics thread): this module reports the
+    lock once, with what it does about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return LOCKED not in text
+
+
+for _name in ("mlflow.store.db.utils", "mlflow.system_metrics.system_metrics_monitor"):
+    logging.getLogger(_name).addFilter(_LockReported())
+
+
+def _store_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` against the tracking store: a locked sqlite store is waited for (one
+    message, up to :func:`lock_wait_s` after MLflow's own timeout), and a store that cannot be used
+    becomes a TrackingStoreError naming it and what to do. Each try is one MLflow call, which MLflow
+    rolls back when it fails, so trying it again writes nothing twice."""
+    db = _sqlite_path(tracking_uri())
+    waited_since: float | None = None
+    while True:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - MLflow and SQLAlchemy raise several types for these
+            if db is None:
+                raise
+            text = str(exc)
+            advice = next((todo for mark, todo in UNUSABLE.items() if mark in text), None)
+            if advice is not None:
+                reason = next(mark for mark in UNUSABLE if mark in text)
+                raise TrackingStoreError(f"MLflow store {db} cannot be used ({reason}): "
+                                         + advice.format(db=db)) from None
+            if LOCKED not in text:
+                raise
+            now = time.monotonic()
+            if waited_since is None:
+                waited_since = now
+                log.warning("MLflow store %s is locked by another process (a writer, an open sqlite3 shell?): "
+                            "waiting up to %g s more for it (%s)", db, lock_wait_s(), limits.MLFLOW_LOCK_WAIT_ENV)
+            elif now - waited_since >= lock_wait_s():
+                raise TrackingStoreError(
+                    f"MLflow store {db} stayed locked by another process for over "
+                    f"{now - waited_since + MLFLOW_BUSY_TIMEOUT_S:.0f} s: "
+                    f"end what holds it (fuser {db}) and run again, or wait longer with "
+                    f"{limits.MLFLOW_LOCK_WAIT_ENV}=<seconds>") from None
+            time.sleep(LOCK_RETRY_S)
+            continue
+        if waited_since is not None:
+            log.warning("MLflow store %s is free again after %.0f s; continuing", db, time.monotonic() - waited_since)
+        return result
+
+
+class _WaitingClient:
+    """An ``MlflowClient`` whose every call goes through :func:`_store_call`."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _store_call(attr, *args, **kwargs)
+
+        return call
+
+
+def _client() -> Any:
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri)
+    # creating the client opens the store (and a new one's schema): waited for like every call
+    return _WaitingClient(_store_call(mlflow.MlflowClient, tracking_uri=uri))
 
 
 def ensure_store() -> None:
