@@ -27,15 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import limits
+
 # Extensions picked up when a folder is given (files named explicitly are always tried).
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
 )
-# Largest LR input accepted by default. 50 MP at x4 is an 800 MP, 2.4 GB uint8 output and about
-# an hour of tiled inference on 2 CPU cores (0.23 HR MP/s); larger inputs need an explicit limit.
-DEFAULT_MAX_PIXELS = 50_000_000
-MEGA = 1_000_000
-RGB_BYTES = 3  # bytes per output pixel of the uint8 RGB result
+# Largest LR input accepted by default (see limits.UPSCALE_MAX_PIXELS); larger inputs need --max-pixels.
+DEFAULT_MAX_PIXELS = limits.UPSCALE_MAX_PIXELS
 
 
 class BatchError(ValueError):
@@ -160,12 +159,7 @@ def image_size(path: Path) -> tuple[int, int] | None:
 
 
 def _size_error(size: tuple[int, int], scale: int, max_pixels: int) -> str | None:
-    w, h = size
-    if w * h <= max_pixels:
-        return None
-    out_gb = w * h * scale * scale * RGB_BYTES / 1e9
-    return (f"{w}x{h} is {w * h / MEGA:.1f} MP, over the limit of {max_pixels / MEGA:g} MP "
-            f"(its x{scale} output alone needs {out_gb:.1f} GB); raise --max-pixels to upscale it")
+    return limits.pixel_limit_error(*size, max_pixels, scale, raise_hint="raise --max-pixels to upscale it")
 
 
 @dataclass(frozen=True)

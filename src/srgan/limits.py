@@ -35,19 +35,27 @@ MLFLOW_LOCK_WAIT_S = 120.0
 MLFLOW_LOCK_WAIT_ENV = "SRGAN_MLFLOW_LOCK_WAIT_S"  # seconds; overrides MLFLOW_LOCK_WAIT_S
 
 
-def pixel_limit_error(width: int, height: int, max_pixels: int, scale: int | None = None,
+def pixel_limit_error(width: int, height: int, max_pixels: int, scale: int | None = None, count: int = 1,
                       raise_hint: str = "") -> str | None:
-    """The one message for an image over a pixel limit (None when within it): its size, the limit,
-    what its x``scale`` output would need, and ``raise_hint`` (how to raise the limit)."""
-    pixels = width * height
+    """The one message for images over a pixel limit (None when within it): their size, the limit,
+    what their x``scale`` output would need, and ``raise_hint`` (what to do)."""
+    pixels = width * height * count
     if pixels <= max_pixels:
         return None
+    what, verb, its = ((f"{width}x{height}", "is", "its") if count == 1
+                       else (f"{count} images of {width}x{height}", "are", "their"))
     need = ""
     if scale:
-        need = f" (its x{scale} output alone needs {pixels * scale * scale * RGB_BYTES / 1e9:.1f} GB)"
+        need = f" ({its} x{scale} output alone needs {pixels * scale * scale * RGB_BYTES / 1e9:.2g} GB)"
     hint = f"; {raise_hint}" if raise_hint else ""
-    return (f"{width}x{height} is {pixels / MEGA:.2f} MP, over the limit of {max_pixels:,} pixels "
-            f"({max_pixels / MEGA:g} MP){need}{hint}")
+    return f"{what} {verb} {_amount(pixels, 1)}, over the limit of {_amount(max_pixels)}{need}{hint}"
+
+
+def _amount(pixels: int, digits: int | None = None) -> str:
+    """``50 MP`` from a million up (``digits`` after the point), ``65,536 pixels`` below."""
+    if pixels < MEGA:
+        return f"{pixels:,} pixels"
+    return f"{pixels / MEGA:.{digits}f} MP" if digits is not None else f"{pixels / MEGA:g} MP"
 
 
 MEGA = 1_000_000
