@@ -32,6 +32,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -730,6 +731,11 @@ class GeneratorPyfunc:
                                            check=check) for lr in batch])
 
 
+# When the request being served started (set by the guarded invocations, which runs the model in
+# the same thread): the model's deadline then matches the server's, which counts from the request.
+_REQUEST = threading.local()
+
+
 def _deadline_check() -> Any:
     """In a scoring server (MLflow sets its request timeout in the environment): a check that stops
     the tiles once the server has answered 504, as nobody will read the result; else None."""
@@ -737,7 +743,7 @@ def _deadline_check() -> Any:
     if text is None:
         return None
     timeout = float(text)
-    deadline = time.monotonic() + timeout
+    deadline = (getattr(_REQUEST, "started", None) or time.monotonic()) + timeout
 
     def check() -> None:
         if time.monotonic() > deadline:
@@ -778,13 +784,16 @@ def _guard_scoring_server(max_pixels: int) -> None:
         return
 
     def invocations(data: Any, content_type: Any, model: Any, input_schema: Any) -> Any:
-        _check_request(data, content_type, max_pixels)
+        _REQUEST.started = time.monotonic()
         try:
+            _check_request(data, content_type, max_pixels)
             return original(data, content_type, model, input_schema)
         except MlflowException as exc:
             clean = _request_error(_without_input(exc.message), exc.get_http_status_code())
             clean.error_code = exc.error_code
             raise clean from None
+        finally:
+            _REQUEST.started = None
 
     invocations.srgan_guard = True  # type: ignore[attr-defined]
     scoring_server.invocations = invocations
