@@ -19,8 +19,8 @@ import pytest
 from keras import ops
 
 from srgan import export, images, models
-from srgan.export import ExportError
 from srgan.config import ROOT, GeneratorConfig, section
+from srgan.export import ExportError
 
 SCALE = 4
 FIXED_SIZE = (24, 32)  # (h, w) for fixed-size exports: small and non-square

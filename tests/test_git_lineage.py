@@ -69,7 +69,9 @@ def test_a_fresh_clone_stays_clean_through_what_dvc_writes(clone):
 
 
 def test_dirty_means_code_or_params_differ(clone):
-    state = lambda: tracking.git_state(clone)["git.dirty"]  # noqa: E731
+    def state() -> str:
+        return tracking.git_state(clone)["git.dirty"]
+
     assert state() == "false"
     (clone / "dvc.lock").write_text("schema: '2.0'\n")  # DVC's bookkeeping, rewritten by every repro
     (clone / "README.md").write_text("notes\n")  # documentation is not what a run runs

@@ -20,14 +20,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 from _servers import _stop_group, free_port, wait_until_up
-from test_tracking import OVERLAP, SCALE, TILE, log_tiny_generator, lr_image
+from test_tracking import OVERLAP, SCALE, TILE, log_tiny_generator
 
 from srgan import limits
 

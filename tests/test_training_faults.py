@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from conftest import write_params
+
 from srgan import dataio, tracking
 from srgan.config import ROOT
 
@@ -43,17 +42,22 @@ def _wait_for_step(proc: subprocess.Popen, tmp_path: Path, step: int, timeout: f
         time.sleep(0.2)
 
 
+# Another process's lock: BEGIN EXCLUSIVE, held until the test closes its stdin, then rolled back.
+HOLD_LOCK = """
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute('BEGIN EXCLUSIVE')
+print('locked', flush=True)
+sys.stdin.read()
+c.execute('ROLLBACK')
+"""
+
+
 @contextmanager
 def locked(db: Path) -> Iterator[subprocess.Popen]:
     """Another process holds ``db`` with ``BEGIN EXCLUSIVE`` until the block ends (then it rolls back)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sqlite3, sys\n"
-         "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-         "c.execute('BEGIN EXCLUSIVE')\n"
-         "print('locked', flush=True)\n"
-         "sys.stdin.read()\n"  # until the test closes stdin
-         "c.execute('ROLLBACK')\n", str(db)],
+        [sys.executable, "-c", HOLD_LOCK, str(db)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -140,7 +144,7 @@ def test_a_store_locked_for_longer_than_the_wait_is_one_line(processed_dir, mlfl
     with locked(db):
         started = time.time()
         out = subprocess.run(_pretrain_cmd(params, processed_dir, tmp_path), env=env, capture_output=True,
-                             text=True, timeout=STAGE_TIMEOUT)
+                             text=True, timeout=STAGE_TIMEOUT, check=False)
         took = time.time() - started
     assert out.returncode == 1, out.stdout + out.stderr
     assert "Traceback" not in out.stderr, out.stderr
@@ -164,7 +168,7 @@ def test_an_unusable_store_is_one_line_naming_it(processed_dir, mlflow_uri, tmp_
     params = write_params(tmp_path / "params.yaml", **{"pretrain.steps": 4})
     out = subprocess.run(_pretrain_cmd(params, processed_dir, tmp_path),
                          env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
-                         capture_output=True, text=True, timeout=STAGE_TIMEOUT)
+                         capture_output=True, text=True, timeout=STAGE_TIMEOUT, check=False)
     assert out.returncode == 1, out.stdout + out.stderr
     lines = out.stderr.strip().splitlines()
     assert "Traceback" not in out.stderr and lines[-1].startswith("error: "), out.stderr

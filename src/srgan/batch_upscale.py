@@ -143,8 +143,8 @@ def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     for q in sorted(folder.rglob("*")):
         named_like_image = q.suffix.lower() in IMAGE_EXTENSIONS
         if q.is_symlink() and q.is_dir():
-            odd.append((q, f"is a symlink to a folder ({os.readlink(q)}): not followed; give that folder "
-                           "as an argument to upscale its images"))
+            odd.append((q, (f"is a symlink to a folder ({os.readlink(q)}): not followed; give that folder "
+                            "as an argument to upscale its images")))
         elif named_like_image:
             why = not_a_file(q)
             if why is None:

@@ -204,7 +204,7 @@ def _store_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     while True:
         try:
             result = fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - MLflow and SQLAlchemy raise several types for these
+        except Exception as exc:  # MLflow and SQLAlchemy raise several types for these
             if db is None:
                 raise
             text = str(exc)
@@ -603,7 +603,7 @@ MAX_PIXELS_PARAM = "max_pixels"  # the served model's size limit: model config k
 SCORING_APP_MODULE = "mlflow.pyfunc.scoring_server.app"  # what `mlflow models serve` imports (uvicorn)
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # MLflow's request timeout; set by `models serve -t`
 MAX_ERROR_CHARS = 300  # an MLflow error message kept for the client (after the input echo is cut)
-HTTP_BAD_REQUEST, HTTP_TOO_LARGE = 400, 413
+HTTP_BAD_REQUEST, HTTP_TOO_LARGE, HTTP_GATEWAY_TIMEOUT = 400, 413, 504
 
 
 def _signature(max_pixels: int = limits.SERVE_MAX_PIXELS) -> Any:
@@ -748,7 +748,8 @@ def _deadline_check() -> Any:
     def check() -> None:
         if time.monotonic() > deadline:
             raise _request_error(f"stopped after the server's request timeout of {timeout:g} s ({TIMEOUT_ENV}, "
-                                 "`mlflow models serve -t`): send a smaller image or raise the timeout", 504)
+                                 "`mlflow models serve -t`): send a smaller image or raise the timeout",
+                                 HTTP_GATEWAY_TIMEOUT)
 
     return check
 
