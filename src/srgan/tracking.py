@@ -643,9 +643,11 @@ def as_uint8_batch(data: Any) -> np.ndarray:
     arr = _image_batch(data)
     if arr.dtype == np.uint8:
         return arr
-    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > PIXEL_MAX:
-        raise ValueError(f"pixel values must be 8-bit levels in [0, {PIXEL_MAX:g}], got values from "
-                         f"{float(np.nanmin(arr)):g} to {float(np.nanmax(arr)):g} "
+    finite = np.isfinite(arr)
+    if not finite.all() or arr.min() < 0 or arr.max() > PIXEL_MAX:
+        got = (f"got values from {float(arr.min()):g} to {float(arr.max()):g}" if finite.all()
+               else "got NaN or infinite values")
+        raise ValueError(f"pixel values must be 8-bit levels in [0, {PIXEL_MAX:g}], {got} "
                          f"(a [0, 1] float image: multiply by {PIXEL_MAX:g})")
     if arr.max() <= 1 and (arr != np.rint(arr)).any():
         raise ValueError(f"pixel values are fractions within [0, 1]: this model takes 8-bit levels "
