@@ -1,13 +1,15 @@
 """Export a trained generator for use outside this project, checked against the Keras model.
 
     python src/export.py --format savedmodel|onnx|litert --out DIR [--model models/generator.keras]
-                         [--input-size HxW] [--image PHOTO] [--tolerance T]
+                         [--input-size HxW [--max-pixels N]] [--image PHOTO] [--tolerance T]
 
 DIR gets the artifact (saved_model/, generator.onnx or generator.tflite) and export.json (max abs
 difference from Keras on crops of a real photo, tolerance, sizes, times, versions). Input: float32
 (batch, h, w, 3) in [0, 1] named "lr", batch and size dynamic unless --input-size fixes h, w.
 ONNX needs `pip install tf2onnx==1.17.0 onnx==1.23.2 onnxruntime==1.32.0`; LiteRT is checked with
 ai-edge-litert (`pip install ai-edge-litert==2.3.0`) or else tf.lite.Interpreter.
+--input-size is bounded by --max-pixels (the check runs the model on that size). A model that is
+not an image-to-image generator (say a classifier) or does not upscale (x1) is refused.
 Any failure is one `error:` line and exit code 1, and DIR is left as it was.
 """
 
@@ -18,7 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from srgan import cli
+from srgan import cli, limits
 from srgan.config import ROOT
 
 FORMAT_CHOICES = ("savedmodel", "onnx", "litert")  # = srgan.export.FORMATS, without importing TF for --help
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="output folder (replaced if it holds an export)")
     ap.add_argument("--input-size", default=None, metavar="HxW",
                     help="fix the LR input size (batch stays dynamic); default: any size")
+    ap.add_argument("--max-pixels", type=int, default=limits.EXPORT_MAX_PIXELS, metavar="N",
+                    help=f"refuse an --input-size of more than N pixels (default {limits.EXPORT_MAX_PIXELS:_}: "
+                         "the check runs the model on that size)")
     ap.add_argument("--image", type=Path, default=None, help="photo to check on (default: skimage astronaut)")
     ap.add_argument("--tolerance", type=float, default=None,
                     help="max abs difference allowed (default: per format)")
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         from srgan import export
 
         export.check_format(args.format)
-        size = export.parse_size(args.input_size) if args.input_size else None
+        size = export.parse_size(args.input_size, args.max_pixels) if args.input_size else None
         r = export.export(args.model, args.format, args.out, input_size=size, tolerance=args.tolerance,
                           image=args.image)
         print(f"{r.format}: {args.out / r.file} ({r.size_bytes / 1e6:.2f} MB), "

@@ -3,10 +3,12 @@
     python src/mos.py prepare [--model NAME=PATH.keras | NAME=runs:/RUN_ID | NAME=models:/MODEL@ALIAS ...]
                               [--crop SIZE] [--images N]
     python src/mos.py serve   [--host 127.0.0.1] [--port 8000] [--study mos/study] [--db PATH]
-    python src/mos.py results [--study mos/study] [--db PATH] [--out reports] [--no-mlflow]
+    python src/mos.py results [--study mos/study] [--db PATH] [--out reports] [--no-mlflow] [--version STUDY_ID]
 
 Ratings go to mos/ratings.sqlite (beside the study) unless --db says otherwise; results writes
-reports/mos.{json,md,png} and refreshes reports/index.html if it exists. The logic lives in the
+reports/mos.{json,md,png} and refreshes reports/index.html if it exists. Re-preparing a study while
+the app serves it is safe: the app switches to the new version and refuses the old stimuli (410),
+and the ratings database keeps every served version, so `results --version ID` reports an earlier one. The logic lives in the
 ``srgan.mos`` package; this file only parses arguments.
 """
 
@@ -41,11 +43,19 @@ def _results(args: argparse.Namespace) -> None:
     from srgan.mos import results
     from srgan.mos.app import default_db
 
-    st = mos_study.load_study(args.study)
     db_path = args.db or default_db(args.study)
+    if args.version:  # an earlier version, as the rating app recorded it when it served it
+        meta = mos_db.load_study_meta(db_path, args.version)
+        if meta is None:
+            raise mos_study.StudyError(f"{db_path}: no study version {args.version!r} was served with these ratings")
+        st = mos_study.study_from_meta(args.study, meta, f"{db_path} (study {args.version})")
+    else:
+        st = mos_study.load_study(args.study)
     # No database beside the study just means nobody has rated yet; a --db that names a missing
     # file is a mistake and load_ratings says so.
     ratings = [] if args.db is None and not db_path.exists() else mos_db.load_ratings(db_path, st.study_id)
+    others = {} if not db_path.exists() else {
+        v: n for v, n in mos_db.ratings_per_study(db_path).items() if v != st.study_id}
     res = results.compute(st, ratings)
     paths = results.write_reports(res, args.out)
     for name, m in res["methods"].items():
@@ -54,6 +64,9 @@ def _results(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(str(p) for p in paths)}")
     if res["n_ratings"] == 0:
         print("note: no ratings yet for this study")
+    for version, n in others.items():  # ratings given before the study was re-prepared
+        print(f"note: {n} rating(s) belong to study version {version}: `python src/mos.py results "
+              f"--version {version}` reports them")
     if not args.no_mlflow:
         results.log_to_runs(res, paths)
     if (Path(args.out) / "index.html").exists():
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     pr.add_argument("--db", type=Path, default=None, help="ratings sqlite (default: beside the study)")
     pr.add_argument("--out", type=Path, default=config.ROOT / "reports")
     pr.add_argument("--no-mlflow", action="store_true", help="do not log MOS to the models' MLflow runs")
+    pr.add_argument("--version", default=None, metavar="STUDY_ID",
+                    help="an earlier version of the study (re-prepared since), as the rating app served it")
     pr.set_defaults(func=_results)
 
     args = p.parse_args(argv)

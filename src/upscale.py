@@ -8,9 +8,12 @@ Folders are searched recursively for common image extensions; any size or mode i
 read off the model); an image found in a folder argument keeps its sub-folder under DIR. Outputs
 are written atomically. Before the first image is upscaled, these are refused with one ``error:``
 line each: an output that already exists (unless --overwrite), a second input with the same output,
-an input over --max-pixels LR pixels (read from the file header). A bad file never stops the
-others. Exit code: 0 if every image was written, 1 if anything failed, 130 on Ctrl-C (the image in
-progress is not written). --model takes a .keras file or an MLflow URI: runs:/RUN_ID[/model]
+an input over --max-pixels LR pixels (read from the file header), and, inside a folder, whatever is
+named like an image but is not a file (a folder, a FIFO, a broken symlink, a symlink loop) or is a
+symlink to a folder (not followed). A bad file never stops the others; an output that another
+process created meanwhile is kept, not replaced (without --overwrite); once the disk is full the
+remaining images are reported, not computed. Exit code: 0 if every image was written, 1 if anything
+failed, 130 on Ctrl-C (the image in progress is not written). --model takes a .keras file or an MLflow URI: runs:/RUN_ID[/model]
 (the run's generator), models:/NAME@ALIAS or models:/NAME/VERSION (a registered version).
 Tile defaults: params.yaml ``evaluate``.
 """

@@ -19,8 +19,8 @@ import pytest
 from keras import ops
 
 from srgan import export, images, models
-from srgan.cli import UserError
 from srgan.config import ROOT, GeneratorConfig, section
+from srgan.export import ExportError
 
 SCALE = 4
 FIXED_SIZE = (24, 32)  # (h, w) for fixed-size exports: small and non-square
@@ -182,7 +182,7 @@ def resize_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _assert_untraceable(fmt: str, model_path: Path, tmp_path: Path, layer: str) -> None:
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ExportError) as err:
         export.export(model_path, fmt, tmp_path / fmt)
     msg = str(err.value)
     assert msg.startswith(f"{fmt}: cannot trace layer {layer} with a dynamic input size"), msg
@@ -192,7 +192,7 @@ def _assert_untraceable(fmt: str, model_path: Path, tmp_path: Path, layer: str) 
 
 
 def _assert_not_builtin(model_path: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ExportError) as err:
         export.export(model_path, "litert", tmp_path / "litert", input_size=FIXED_SIZE)
     msg = str(err.value)
     assert msg.startswith("litert: ResizeBicubic (from a bicubic keras.ops.image.resize) is not in LiteRT's "
@@ -224,7 +224,7 @@ def test_failed_export_leaves_the_previous_one(plain: Path, with_skip: Path, tmp
     out = tmp_path / "exp"
     export.export(plain, "savedmodel", out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(UserError, match="differs from the Keras model"):
+    with pytest.raises(ExportError, match="differs from the Keras model"):
         export.export(plain, "savedmodel", out, tolerance=-1.0)  # no diff can pass: the check fails
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
@@ -235,7 +235,7 @@ def test_failed_export_leaves_the_previous_one(plain: Path, with_skip: Path, tmp
 
 def test_refuses_to_replace_a_foreign_folder(plain: Path, tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep me")
-    with pytest.raises(UserError, match="non-empty folder"):
+    with pytest.raises(ExportError, match="non-empty folder"):
         export.export(plain, "savedmodel", tmp_path)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
@@ -247,7 +247,7 @@ def test_missing_converter_names_the_pip_line(plain: Path, tmp_path: Path,
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "tf2onnx" else real(name, *a))
-    with pytest.raises(UserError) as err:
+    with pytest.raises(ExportError) as err:
         export.export(plain, "onnx", tmp_path / "onnx")
     assert str(err.value) == "onnx: needs packages that are not installed: pip install tf2onnx==1.17.0"
     assert not (tmp_path / "onnx").exists()
@@ -256,7 +256,7 @@ def test_missing_converter_names_the_pip_line(plain: Path, tmp_path: Path,
 def test_parse_size() -> None:
     assert export.parse_size("176x128") == (176, 128)
     for bad in ("176", "0x4", "ax4", "-1x4"):
-        with pytest.raises(UserError, match="HxW"):
+        with pytest.raises(ExportError, match="HxW"):
             export.parse_size(bad)
 
 
@@ -320,3 +320,69 @@ def test_cli_exports(plain: Path, tmp_path: Path) -> None:
     meta = export.read_export(out)
     assert f"max abs diff {meta['max_abs_diff']:.3g}" in proc.stdout and "savedmodel:" in proc.stdout
     assert (out / "saved_model" / "saved_model.pb").is_file()
+
+
+# --------------------------------------------------------------------------- GitHub issue 28 items 2, 3
+def test_input_size_has_a_stated_bound() -> None:
+    """`--input-size 100000x100000` was killed by the kernel (~22 GB, exit 137, no message)."""
+    from srgan import limits
+
+    side = int(limits.EXPORT_MAX_PIXELS ** 0.5)
+    assert export.parse_size(f"{side}x{side}") == (side, side)
+    with pytest.raises(ExportError) as err:
+        export.parse_size(f"{side + 1}x{side + 1}")
+    msg = str(err.value)
+    assert msg.startswith(f"--input-size {side + 1}x{side + 1} is ") and "over the limit of 4 MP" in msg, msg
+    assert "--max-pixels" in msg
+    assert export.parse_size("3000x3000", max_pixels=9_000_000) == (3000, 3000)  # the flag raises it
+
+
+def test_the_check_of_a_large_fixed_size_is_one_crop() -> None:
+    """The check ran a batch of two crops of the fixed size (and enlarged the photo to twice it)."""
+    from srgan import limits
+
+    small = export.check_batches((24, 32))
+    assert [b.shape for b in small] == [(2, 24, 32, 3)]  # small sizes still show a dynamic batch
+    side = int(limits.EXPORT_BATCH_CHECK_PIXELS ** 0.5) + 1
+    (big,) = export.check_batches((side, side))
+    assert big.shape == (1, side, side, 3)
+
+
+def test_cli_huge_input_size_is_one_line_at_once(plain: Path, tmp_path: Path) -> None:
+    import time
+
+    t0 = time.time()
+    line = _one_error_line(_cli("--model", str(plain), "--format", "savedmodel", "--out", str(tmp_path / "o"),
+                                "--input-size", "100000x100000"))
+    assert "100000x100000" in line and "over the limit" in line and "--max-pixels" in line, line
+    assert time.time() - t0 < 60 and not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Keras model that is not a generator: a classifier with a fixed 32x32 input."""
+    x = keras.Input((32, 32, 3))
+    y = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3)(x)))
+    return models.save_generator(keras.Model(x, y), tmp_path_factory.mktemp("clf") / "clf.keras")
+
+
+@pytest.fixture(scope="module")
+def same_size(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image-to-image model that does not upscale (x1)."""
+    x = keras.Input((None, None, 3))
+    return models.save_generator(keras.Model(x, keras.layers.Conv2D(3, 3, padding="same")(x)),
+                                 tmp_path_factory.mktemp("x1") / "x1.keras")
+
+
+def test_cli_a_classifier_is_one_error_line(classifier: Path, tmp_path: Path) -> None:
+    """It printed a 33-line traceback although the help promises one `error:` line."""
+    line = _one_error_line(_cli("--model", str(classifier), "--format", "savedmodel", "--out", str(tmp_path / "o")))
+    assert "not a generator" in line and "(10,)" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_does_not_upscale_is_refused(same_size: Path, tmp_path: Path) -> None:
+    """It was exported as "x1" without a word."""
+    with pytest.raises(ExportError, match="does not upscale"):
+        export.export(same_size, "savedmodel", tmp_path / "o")
+    assert list(tmp_path.iterdir()) == []

@@ -346,3 +346,41 @@ def test_ratings_survive_a_killed_server(env, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # no shutdown handler runs
         proc.wait(10)
     assert [r[4] for r in rows(dbp)] == [1, 2, 3]
+
+
+def test_re_preparing_while_serving_keeps_ratings_attributable_and_refuses_stale_stimuli(env, tmp_path, capsys):
+    """GitHub issue 28 item 6: `mos.py prepare --force` with other models while the app served. The
+    app went on handing out the old stimulus (its image now 404), stored a score for it (200), and
+    the old stimulus -> method mapping was deleted: `mos.py results` showed n=0 for every method."""
+    import mos  # src/mos.py
+
+    st, app, dbp = env
+    c = app.test_client()
+    _rater(c)
+    for score in (4, 2):
+        assert post(c, "/rate", json={"stimulus": next_of(c), "score": score}).status_code == 200
+    stale = next_of(c)  # on the rater's page when the study is replaced
+    other = S.ModelMethod("gan2", lambda lr, s: S.upscale_bicubic(lr, s) // 2, "fake2")
+    new = S.prepare_study(tmp_path / "valid", st.root, [other], force=True, log=lambda s: None)
+    assert new.study_id != st.study_id and stale not in new.stimuli
+    before = rows(dbp)
+
+    r = post(c, "/rate", json={"stimulus": stale, "score": 5})
+    assert r.status_code == 410 and "reload" in r.get_json()["error"], r.get_json()
+    assert c.get(f"/image/{stale}").status_code == 410
+    assert rows(dbp) == before  # nothing stored for it
+    state = c.get("/api/state").get_json()  # the app serves the new version now
+    assert state["next"] in new.stimuli and state["rated"] == 0 and state["total"] == len(new.stimuli)
+    assert post(c, "/rate", json={"stimulus": state["next"], "score": 3}).status_code == 200
+    assert rows(dbp)[-1][1] == new.study_id
+
+    # the first version's ratings still say which method they rated
+    out = tmp_path / "reports"
+    mos.main(["results", "--study", str(st.root), "--db", str(dbp), "--out", str(out), "--no-mlflow"])
+    printed = capsys.readouterr().out
+    assert st.study_id in printed and "--version" in printed, printed  # where the other ratings are
+    mos.main(["results", "--study", str(st.root), "--db", str(dbp), "--out", str(out), "--no-mlflow",
+              "--version", st.study_id])
+    res = json.loads((out / "mos.json").read_text())
+    assert res["study_id"] == st.study_id and res["n_ratings"] == 2
+    assert sum(m["n"] for m in res["methods"].values()) == 2 and "gan" in res["methods"]

@@ -315,3 +315,108 @@ def test_model_uris(tmp_path: Path, model_path: Path, mlflow_uri: str, monkeypat
                              str(tmp_path / "x.png")]) == 1
     finally:
         mlflow.set_tracking_uri(before)
+
+
+# -- the faults of GitHub issue 28 item 8 -----------------------------------------------------------
+
+def _upscale_cmd(model_path: Path, out: Path, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "src/upscale.py"), "--model", str(model_path), "--out", str(out), *args]
+
+
+@pytest.mark.slow
+def test_two_upscales_into_one_out_never_replace_each_others_file(tmp_path: Path, model_path: Path) -> None:
+    """Both plan (no output yet), both compute, both write: the check-then-rename race replaced the
+    first's file and both said "1 written". The output is now created without replacing anything."""
+    src = tmp_path / "big.png"
+    Image.fromarray(_rgb(384, 384, 7)).save(src)
+    out = tmp_path / "out"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # the self-ensemble makes the work (~10 s) much longer than the gap between the two start-ups
+    cmd = _upscale_cmd(model_path, out, "--tile", "32", "--overlap", "8", "--self-ensemble", str(src))
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 1], results
+    loser = results[[p.returncode for p in procs].index(1)]
+    (error,) = [ln for ln in loser[1].splitlines() if ln.startswith("error:")]
+    assert str(out / "big_x4.png") in error and ("already exists" in error or "appeared" in error), error
+    assert "0 written, 1 failed" in loser[0]
+    assert [p.name for p in out.iterdir()] == ["big_x4.png"]  # and no temp files left behind
+    with Image.open(out / "big_x4.png") as im:
+        im.load()
+        assert im.size == (384 * SCALE, 384 * SCALE)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real file system that fills up: a 1 MB tmpfs (root only; skipped otherwise)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                             check=False, capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs for a real full disk: {mounted.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_stops_the_batch(tmp_path: Path, model_path: Path, small_disk: Path,
+                                     capsys: pytest.CaptureFixture) -> None:
+    """Noise does not compress: each 128 x 128 input makes a ~0.8 MB PNG, so the 1 MB disk takes one."""
+    import time
+
+    import upscale
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        Image.fromarray(_rgb(128, 128, i)).save(src / f"n{i}.png")
+    t0 = time.perf_counter()
+    rc = upscale.main(["--model", str(model_path), "--out", str(small_disk), str(src)])
+    took = time.perf_counter() - t0
+    captured = capsys.readouterr()
+    errors = _errors(captured.err)
+    assert rc == 1 and "1 written, 5 failed" in captured.out, captured
+    assert "No space left on device" in errors[0] and "n1.png" in errors[0], errors
+    assert all("not upscaled" in e and "out of space" in e for e in errors[1:]) and len(errors) == 5, errors
+    assert [p.name for p in small_disk.iterdir()] == ["n0_x4.png"]  # no temp file eats the space
+    assert took < 60, took
+
+
+def test_odd_entries_in_an_input_folder_are_reported(tmp_path: Path, model_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import upscale
+
+    src = tmp_path / "in"
+    (src / "dir.png").mkdir(parents=True)  # a folder named like an image (its images still count)
+    Image.fromarray(_rgb(6, 5)).save(src / "dir.png" / "inner.png")
+    Image.fromarray(_rgb(6, 5, 1)).save(src / "good.png")
+    (src / "loop.png").symlink_to("loop.png")
+    (src / "broken.png").symlink_to("missing.png")
+    os.mkfifo(src / "pipe.png")  # reading it would wait for a writer forever
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(_rgb(6, 5, 2)).save(elsewhere / "far.png")
+    (src / "linked").symlink_to(elsewhere)  # a symlink to a folder is not followed: say so
+    out = tmp_path / "out"
+    rc = upscale.main(["--model", str(model_path), "--out", str(out), str(src), str(src / "pipe.png")])
+    captured = capsys.readouterr()
+    errors = _errors(captured.err)
+    assert rc == 1, captured
+
+    def about(name: str) -> str:
+        (line,) = [e for e in errors if f"{src / name}:" in e]
+        return line
+
+    assert "folder" in about("dir.png")
+    assert "symlink loop" in about("loop.png")
+    assert "broken symlink" in about("broken.png") and "missing.png" in about("broken.png")
+    assert all("FIFO" in e for e in errors if f"{src / 'pipe.png'}:" in e)
+    assert len([e for e in errors if f"{src / 'pipe.png'}:" in e]) == 2  # in the folder, and named
+    assert "not followed" in about("linked")
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == ["dir.png/inner_x4.png", "good_x4.png"]
+    assert "2 written, 6 failed" in captured.out, captured.out

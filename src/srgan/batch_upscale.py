@@ -19,7 +19,9 @@ an interrupted batch leaves only whole files.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,15 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import limits
+
 # Extensions picked up when a folder is given (files named explicitly are always tried).
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pnm", ".tga"}
 )
-# Largest LR input accepted by default. 50 MP at x4 is an 800 MP, 2.4 GB uint8 output and about
-# an hour of tiled inference on 2 CPU cores (0.23 HR MP/s); larger inputs need an explicit limit.
-DEFAULT_MAX_PIXELS = 50_000_000
-MEGA = 1_000_000
-RGB_BYTES = 3  # bytes per output pixel of the uint8 RGB result
+# Largest LR input accepted by default (see limits.UPSCALE_MAX_PIXELS); larger inputs need --max-pixels.
+DEFAULT_MAX_PIXELS = limits.UPSCALE_MAX_PIXELS
+
+
+# A write that failed with one of these will fail for every later image too: the batch stops there.
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class BatchError(ValueError):
@@ -114,9 +119,10 @@ def collect_inputs(
                 failures.append(FileResult(p, error=f"{what} (--out {exclude}): its images would mix with "
                                                      "the outputs; choose another --out"))
                 continue
-            images = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS and q.is_file())
+            images, odd = _walk(p)
+            failures += [FileResult(q, error=why) for q, why in odd]
             hits = [q for q in images if excl is None or not q.resolve().is_relative_to(excl)]
-            if not hits:
+            if not hits and not odd:
                 why = ("contains no image files outside the output folder" if images
                        else "folder contains no image files")
                 failures.append(FileResult(p, error=why))
@@ -125,8 +131,51 @@ def collect_inputs(
         elif p.is_file():
             add(Input(p))
         else:
-            failures.append(FileResult(p, error="no such file or folder"))
+            failures.append(FileResult(p, error=not_a_file(p) or "no such file or folder"))
     return found, failures
+
+
+def _walk(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Image files under ``folder`` (sorted), and what looks like one but cannot be read as a file,
+    or is a folder the walk does not enter (a symlink to a folder), each with the reason."""
+    images: list[Path] = []
+    odd: list[tuple[Path, str]] = []
+    for q in sorted(folder.rglob("*")):
+        named_like_image = q.suffix.lower() in IMAGE_EXTENSIONS
+        if q.is_symlink() and q.is_dir():
+            odd.append((q, (f"is a symlink to a folder ({os.readlink(q)}): not followed; give that folder "
+                            "as an argument to upscale its images")))
+        elif named_like_image:
+            why = not_a_file(q)
+            if why is None:
+                images.append(q)
+            else:
+                odd.append((q, why))
+    return images, odd
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file (a folder, a FIFO, a symlink loop, ...), or None
+    for a regular file (or a symlink to one). Never opens it: reading a FIFO waits for a writer."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "is a symlink loop: not read"
+        if path.is_symlink():
+            return f"is a broken symlink (to {os.readlink(path)}, which does not exist): not read"
+        if exc.errno == errno.ENOENT:
+            return "no such file or folder"
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder named like an image, not an image (the images in it are upscaled as usual)"
+    if stat.S_ISFIFO(mode):
+        return "is a FIFO (named pipe), not a file: not read (reading it would wait for a writer)"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a file: not read"
+    return "is a device, not a file: not read"
 
 
 @contextmanager
@@ -160,12 +209,7 @@ def image_size(path: Path) -> tuple[int, int] | None:
 
 
 def _size_error(size: tuple[int, int], scale: int, max_pixels: int) -> str | None:
-    w, h = size
-    if w * h <= max_pixels:
-        return None
-    out_gb = w * h * scale * scale * RGB_BYTES / 1e9
-    return (f"{w}x{h} is {w * h / MEGA:.1f} MP, over the limit of {max_pixels / MEGA:g} MP "
-            f"(its x{scale} output alone needs {out_gb:.1f} GB); raise --max-pixels to upscale it")
+    return limits.pixel_limit_error(*size, max_pixels, scale, raise_hint="raise --max-pixels to upscale it")
 
 
 @dataclass(frozen=True)
@@ -239,24 +283,37 @@ def upscale_files(
     for r in results:
         if on_result:
             on_result(r)
+    out_full: str | None = None  # set when --out has no room left: the rest are not computed
     for job in jobs:
         t0 = time.perf_counter()
         res = FileResult(job.src)
-        try:
-            # The size check above decided: PIL must not refuse (or warn about) an accepted image.
-            with _pil_pixel_limit(max(max_pixels, _pil_default_limit())):
-                lr = images.load_rgb(job.src)
-            res.lr_size = (lr.shape[1], lr.shape[0])
-            sr = inference.upscale(model, lr, scale, tile=tile, overlap=overlap, batch=batch,
-                                   self_ensemble=self_ensemble)
-            res.sr_size = (sr.shape[1], sr.shape[0])
-            images.save_png(job.out, sr)
-            res.out = job.out
-        except images.ImageError as exc:
-            # load_rgb names the file itself; callers print the path, so drop the repeat.
-            res.error = _one_line(exc).removeprefix(f"{job.src}: ")
-        except Exception as exc:  # noqa: BLE001 - one bad file must not stop a batch
-            res.error = f"{type(exc).__name__}: {_one_line(exc)}"
+        if out_full is not None:
+            res.error = out_full
+        else:
+            try:
+                # The size check above decided: PIL must not refuse (or warn about) an accepted image.
+                with _pil_pixel_limit(max(max_pixels, _pil_default_limit())):
+                    lr = images.load_rgb(job.src)
+                res.lr_size = (lr.shape[1], lr.shape[0])
+                sr = inference.upscale(model, lr, scale, tile=tile, overlap=overlap, batch=batch,
+                                       self_ensemble=self_ensemble)
+                res.sr_size = (sr.shape[1], sr.shape[0])
+                # Never replaces a file another process wrote meanwhile, unless --overwrite.
+                images.save_png(job.out, sr, replace=overwrite)
+                res.out = job.out
+            except images.ImageError as exc:
+                # load_rgb names the file itself; callers print the path, so drop the repeat.
+                res.error = _one_line(exc).removeprefix(f"{job.src}: ")
+            except FileExistsError:
+                res.error = (f"output {job.out} appeared while this image was upscaled (another upscale into "
+                             "the same --out?): kept it, this result was not written; --overwrite replaces it")
+            except OSError as exc:
+                res.error = f"{type(exc).__name__}: {_one_line(exc)}"
+                if exc.errno in OUT_OF_SPACE:
+                    out_full = (f"not upscaled: {out_dir} is out of space ({exc.strerror}); free some and run "
+                                "again (the outputs written so far are kept and are not redone)")
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop a batch
+                res.error = f"{type(exc).__name__}: {_one_line(exc)}"
         res.seconds = time.perf_counter() - t0
         results.append(res)
         if on_result:

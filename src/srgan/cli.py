@@ -5,18 +5,36 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
 from . import config
 from .config import PARAMS_PATH, ROOT, Config, ConfigError
+from .errors import ExpectedError
 
 log = logging.getLogger(__name__)
 
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's codes for a death by that signal
+EXIT_TERMINATED = 128 + signal.SIGTERM
+RESUME_HINT = "the last checkpoint is kept; run the same command again to resume"
 
-class UserError(RuntimeError):
-    """An expected failure with a message for the user (no traceback)."""
+
+class UserError(ExpectedError, RuntimeError):
+    """An expected failure with a message for the user (no traceback); the package's own modules
+    raise their own ``errors.ExpectedError`` subclasses instead of this one."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception: it unwinds like Ctrl-C, so a training run ends KILLED with its
+    checkpoint kept (``tracking.run_context``) instead of the process vanishing mid-step."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once if cleanup hangs
+    raise Terminated()
 
 
 def parser(doc: str | None, parents: list[argparse.ArgumentParser] | None = None) -> argparse.ArgumentParser:
@@ -61,10 +79,15 @@ def use_onednn(enabled: bool) -> str:
 
 
 def run_main(main: Callable[[], object], expected: tuple[type[BaseException], ...] = ()) -> None:
-    """Call ``main``; expected errors print ``error: ...`` and exit 1 instead of a traceback."""
+    """Call ``main``; expected errors print ``error: ...`` and exit 1 instead of a traceback.
+
+    SIGTERM (``kill``, schedulers, container stops) is handled like Ctrl-C: one line, exit 143.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         main()
-    except (ConfigError, UserError, FileNotFoundError, *expected) as exc:
+    except (ConfigError, ExpectedError, FileNotFoundError, *expected) as exc:
         print(f"error: {exc}", file=sys.stderr)
         if getattr(exc, "exit_at_once", False):
             # e.g. a lost peer worker: TensorFlow's collective runtime is broken, and the normal
@@ -74,9 +97,15 @@ def run_main(main: Callable[[], object], expected: tuple[type[BaseException], ..
             sys.stderr.flush()
             os._exit(1)
         sys.exit(1)
+    except Terminated:
+        print(f"terminated (SIGTERM): {RESUME_HINT}", file=sys.stderr)
+        sys.exit(EXIT_TERMINATED)
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+        print(f"interrupted: {RESUME_HINT}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        if in_main_thread and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def stage(main: Callable[[Config, argparse.Namespace], object], doc: str | None, paths: dict[str, str], *,

@@ -488,13 +488,71 @@ def _message(err: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- loading
+MERGE_TAG = "tag:yaml.org,2002:merge"  # YAML's `<<: *anchor`: merged keys may be overridden
+
+
+def _check_unique_keys(root: yaml.Node) -> None:
+    """ConfigError-ready ValueError for the first mapping that repeats a key (PyYAML would keep the
+    last value without a word; DVC refuses such a file). Each node is visited once, so an alias
+    that is used many times costs nothing more."""
+    seen_nodes: set[int] = set()
+    todo: list[tuple[yaml.Node, str]] = [(root, "")]
+    while todo:
+        node, where = todo.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key_node, value_node in node.value:
+                if key_node.tag == MERGE_TAG:  # `<<: *anchor`: explicit keys beside it override, by design
+                    continue
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.value in keys:
+                        under = f" under '{where}'" if where else ""
+                        raise ValueError(f"duplicate key '{key_node.value}'{under} at line "
+                                         f"{key_node.start_mark.line + 1}: each key may appear once "
+                                         "(DVC refuses the file too)")
+                    keys.add(key_node.value)
+                    todo.append((value_node, f"{where}.{key_node.value}" if where else key_node.value))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((item, f"{where}[{i}]") for i, item in enumerate(node.value))
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """The file as UTF-8 text (what YAML and DVC read); ConfigError naming the first bad byte's line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} "
+                          "(save the file as UTF-8)") from None
+
+
+def parse_yaml(path: str | Path, text: str) -> Any:
+    """``text`` (the contents of ``path``) parsed as YAML, refusing repeated keys; ConfigError with
+    one line naming the problem and its line otherwise."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node)
+        return loader.construct_document(node)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = parse_yaml(path, _decode(path, raw))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -593,6 +651,7 @@ def edit_params(path: str | Path, overrides: dict[str, Any]) -> list[str]:
     from ruamel.yaml import YAML
 
     path = Path(path)
+    _read_yaml(path)  # a file DVC would refuse (repeated key, not UTF-8) is refused here first
     rt = YAML()  # round-trip mode: comments, order and quoting survive
     rt.preserve_quotes = True
     rt.width = 4096

@@ -8,6 +8,7 @@ half-written file that looks whole.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -29,9 +30,14 @@ HISTORY_NAME = "history.csv"  # reports/<stage>/history.csv: the training curves
 
 # --------------------------------------------------------------------------- atomic writes
 @contextmanager
-def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kw: Any) -> Iterator[IO[Any]]:
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", replace: bool = True,
+                 **open_kw: Any) -> Iterator[IO[Any]]:
     """Open a temp file beside ``path`` for writing; on success it is fsynced and renamed onto
-    ``path``, on any error (or a kill) it is removed and ``path`` is untouched."""
+    ``path``, on any error (or a kill) it is removed and ``path`` is untouched.
+
+    ``replace=False``: FileExistsError, and ``path`` untouched, if ``path`` exists when the file is
+    put in place, however late another process created it (see :func:`place_new`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -41,10 +47,36 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kw: Any) 
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            place_new(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# errnos of file systems without hard links (FAT, some network shares): place_new claims the name instead
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
+
+
+def place_new(tmp: Path, path: Path) -> None:
+    """Move the finished file ``tmp`` to ``path`` only if ``path`` does not exist: FileExistsError
+    otherwise. One atomic step (a hard link, which fails on an existing name, then the temp name
+    is dropped), so two writers racing for one name never replace each other's file, unlike a
+    check followed by a rename. Where hard links are not supported, the name is claimed with an
+    exclusive create first (a kill between claim and rename can leave that empty file there)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in NO_HARD_LINKS:
+            raise
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))  # FileExistsError if taken
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
 
 
 @contextmanager

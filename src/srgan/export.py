@@ -51,8 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from srgan import dataio
-from srgan.cli import UserError
+from srgan import dataio, limits
+from srgan.errors import ExpectedError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ INPUT_NAME = "lr"  # the signature's input name, as in models.build_generator
 # uint8 output can differ only where Keras' own output lies within 1e-4 of a rounding edge.
 TOLERANCES: dict[str, float] = {"savedmodel": 1e-5, "onnx": 1e-4, "litert": 1e-4}
 
+MIN_SCALE = 2  # a generator upscales: x1 is some other image-to-image model
 ONNX_OPSET = 17  # Resize "cubic" needs >= 11; 17 is well inside what onnxruntime >= 1.14 runs
 
 # The packages each format needs: (import name, pip name) for the converter and for the check.
@@ -96,6 +97,11 @@ OP_SOURCES = {"ResizeBicubic": "a bicubic keras.ops.image.resize"}
 SYMBOLIC_BOOL = "symbolic `tf.Tensor` as a Python `bool`"  # TF's words for a Python branch on a traced value
 TRACE_ERROR = re.compile(r"Exception encountered when calling (\w+)\.call\(\)")
 TFLITE_SELECT_OPS = re.compile(r"TF Select ops: ([\w, ]+)")
+
+
+class ExportError(ExpectedError):
+    """An export that cannot be made or does not check out; the message is one line (``<fmt>: ...``
+    for a format's converter or runtime)."""
 
 
 @dataclass
@@ -135,18 +141,24 @@ def missing_packages(fmt: str) -> list[str]:
 
 
 def check_format(fmt: str) -> str:
-    """``fmt`` if it is a known format, else a UserError listing them."""
+    """``fmt`` if it is a known format, else a ExportError listing them."""
     if fmt not in FORMATS:
-        raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+        raise ExportError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     return fmt
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``HxW`` (e.g. ``176x176``) -> (h, w), both >= 1."""
+def parse_size(text: str, max_pixels: int = limits.EXPORT_MAX_PIXELS) -> tuple[int, int]:
+    """``HxW`` (e.g. ``176x176``) -> (h, w), both >= 1 and h x w at most ``max_pixels``: the check
+    runs the Keras model and the export on that size, so it costs memory per pixel."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not m or min(int(m[1]), int(m[2])) < 1:
-        raise UserError(f"--input-size {text!r}: expected HxW with positive integers, e.g. 176x176")
-    return int(m[1]), int(m[2])
+        raise ExportError(f"--input-size {text!r}: expected HxW with positive integers, e.g. 176x176")
+    h, w = int(m[1]), int(m[2])
+    too_big = limits.pixel_limit_error(w, h, max_pixels, raise_hint=(
+        "checking the export runs the model on that size; raise --max-pixels to export it"))
+    if too_big:
+        raise ExportError(f"--input-size {too_big}")
+    return h, w
 
 
 def check_batches(input_size: tuple[int, int] | None = None, image: str | os.PathLike[str] | None = None,
@@ -154,8 +166,9 @@ def check_batches(input_size: tuple[int, int] | None = None, image: str | os.Pat
     """float32 NHWC batches in [0, 1] cut from a real photo (default: scikit-image's astronaut).
 
     Dynamic export (``input_size`` None): a batch of 2 crops of TEST_SIZES[0], then 1 crop of each
-    further size. Fixed size: a batch of 2 crops of ``input_size`` (the photo is enlarged first if
-    it is smaller than that).
+    further size. Fixed size: a batch of 2 crops of ``input_size`` up to
+    :data:`limits.EXPORT_BATCH_CHECK_PIXELS` per crop, one crop above it (the photo is enlarged
+    first if it is smaller than the crops need).
     """
     from PIL import Image
 
@@ -163,7 +176,11 @@ def check_batches(input_size: tuple[int, int] | None = None, image: str | os.Pat
 
     photo = images.load_rgb(image if image is not None else _skimage_photo())
     sizes = [input_size] if input_size else list(TEST_SIZES)
-    need_h, need_w = max(h for h, _ in sizes) * 2, max(w for _, w in sizes) * 2
+    h0, w0 = sizes[0]
+    pair = h0 * w0 <= limits.EXPORT_BATCH_CHECK_PIXELS  # a second crop only where it is cheap
+    # the second crop comes from the upper-left quadrant: the photo must be twice that size
+    reach = 2 if pair else 1
+    need_h, need_w = max(h for h, _ in sizes) * reach, max(w for _, w in sizes) * reach
     if photo.shape[0] < need_h or photo.shape[1] < need_w:
         f = max(need_h / photo.shape[0], need_w / photo.shape[1])
         size = (int(np.ceil(photo.shape[1] * f)), int(np.ceil(photo.shape[0] * f)))
@@ -173,7 +190,7 @@ def check_batches(input_size: tuple[int, int] | None = None, image: str | os.Pat
         # Crops from the centre and from an upper-left quadrant: two different picture contents.
         cy, cx = (photo.shape[0] - h) // 2, (photo.shape[1] - w) // 2
         crops = [photo[cy:cy + h, cx:cx + w]]
-        if i == 0:
+        if i == 0 and pair:
             qy, qx = (photo.shape[0] // 2 - h) // 2, (photo.shape[1] // 2 - w) // 2
             crops.append(photo[qy:qy + h, qx:qx + w])
         batches.append(np.stack(crops).astype(np.float32) / 255.0)
@@ -185,7 +202,7 @@ def export(model_path: str | os.PathLike[str], fmt: str, out: str | os.PathLike[
            image: str | os.PathLike[str] | None = None) -> ExportResult:
     """Export the ``.keras`` generator at ``model_path`` as ``fmt`` into folder ``out``, checked.
 
-    Raises UserError (one line, prefixed ``<fmt>:``) when a package is missing, the converter or
+    Raises ExportError (one line, prefixed ``<fmt>:``) when a package is missing, the converter or
     runtime fails, or the exported output differs from Keras' by more than ``tolerance`` (default
     :data:`TOLERANCES`); ``out`` is then left as it was.
     """
@@ -194,14 +211,14 @@ def export(model_path: str | os.PathLike[str], fmt: str, out: str | os.PathLike[
     out = Path(out).absolute()  # the temp folder goes beside it, so it needs a real name
     _check_replaceable(out)
     if not Path(model_path).is_file():  # before TensorFlow is imported: a typo fails fast
-        raise UserError(f"generator {model_path} not found")
+        raise ExportError(f"generator {model_path} not found")
     missing = missing_packages(fmt)
     if missing:
-        raise UserError(f"{fmt}: needs packages that are not installed: pip install {' '.join(missing)}")
-    model = _load(model_path)
+        raise ExportError(f"{fmt}: needs packages that are not installed: pip install {' '.join(missing)}")
+    model = _load(model_path, input_size)
     _check_float32(model, fmt)
     batches = check_batches(input_size, image)
-    refs = [np.asarray(model(x, training=False), dtype=np.float32) for x in batches]
+    refs = _reference(model, model_path, batches)
     scale = refs[0].shape[1] // batches[0].shape[1]
 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -218,8 +235,8 @@ def export(model_path: str | os.PathLike[str], fmt: str, out: str | os.PathLike[
         diff = _max_diff(fmt, run, batches, refs)
         t3 = time.perf_counter()
         if not diff <= tol:  # also catches NaN
-            raise UserError(f"{fmt}: exported model differs from the Keras model by {diff:.3g} "
-                            f"(> tolerance {tol:g}) on {_describe(batches)}")
+            raise ExportError(f"{fmt}: exported model differs from the Keras model by {diff:.3g} "
+                              f"(> tolerance {tol:g}) on {_describe(batches)}")
         result = ExportResult(
             format=fmt, file=ARTIFACT[fmt], size_bytes=_size(artifact), tolerance=tol,
             max_abs_diff=diff, input_sizes=[list(x.shape) for x in batches],
@@ -255,25 +272,59 @@ def _import_runtime(fmt: str) -> None:
 def _check_replaceable(out: Path) -> None:
     """Refuse to replace a non-empty folder that is not an earlier export (or is a file)."""
     if out.is_file():
-        raise UserError(f"--out {out} is a file; give a folder")
+        raise ExportError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_JSON).is_file():
-        raise UserError(f"--out {out} is a non-empty folder without {EXPORT_JSON}: not replacing it; "
-                        "give a new or empty folder")
+        raise ExportError(f"--out {out} is a non-empty folder without {EXPORT_JSON}: not replacing it; "
+                          "give a new or empty folder")
 
 
-def _load(model_path: str | os.PathLike[str]) -> Any:
+def _load(model_path: str | os.PathLike[str], input_size: tuple[int, int] | None = None) -> Any:
+    """The Keras model at ``model_path``, checked to be an image-to-image generator: one (batch, h,
+    w, 3) input, one (batch, h', w', 3) output, and a size that ``input_size`` may use."""
     from srgan import models  # registers the custom layers
 
     path = Path(model_path)
     try:
         model = models.load_generator(path)
     except Exception as exc:  # noqa: BLE001 - any load failure is one clear message
-        raise UserError(f"cannot load generator {path}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise ExportError(f"cannot load generator {path}: {type(exc).__name__}: {_first_line(exc)}") from None
     shape = tuple(model.inputs[0].shape) if len(model.inputs) == 1 else ()
     if len(shape) != 4 or shape[-1] != 3:
-        raise UserError(f"{path}: not a generator with one (batch, h, w, 3) input (inputs: "
-                        f"{[tuple(t.shape) for t in model.inputs]})")
+        raise ExportError(f"{path}: not a generator with one (batch, h, w, 3) input (inputs: "
+                          f"{[tuple(t.shape) for t in model.inputs]})")
+    outputs = [tuple(t.shape) for t in model.outputs]
+    if len(outputs) != 1 or len(outputs[0]) != 4 or outputs[0][-1] != 3:
+        shown = outputs[0][1:] if len(outputs) == 1 else outputs
+        raise ExportError(f"{path}: not a generator: it maps a {shape[1:]} image to {shown}, not to an RGB "
+                          "image (batch, h, w, 3)")
+    fixed = shape[1:3]
+    if None not in fixed and fixed != tuple(input_size or ()):
+        asked = f"--input-size {input_size[0]}x{input_size[1]}" if input_size else "any input size"
+        raise ExportError(f"{path}: takes only {fixed[0]}x{fixed[1]} inputs, not {asked} (a generator of "
+                          f"this project takes any size): export it with --input-size {fixed[0]}x{fixed[1]}")
     return model
+
+
+def _reference(model: Any, path: str | os.PathLike[str], batches: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The Keras model's outputs on the check batches, which must be the same integer upscale
+    (>= x2) of each; one ExportError line otherwise."""
+    refs = []
+    for x in batches:
+        try:
+            y = np.asarray(model(x, training=False), dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - Keras raises many types for an input it cannot take
+            raise ExportError(f"{path}: the model cannot run on {_describe([x])}: {type(exc).__name__}: "
+                              f"{_first_line(exc)}") from None
+        n, h, w, _ = x.shape
+        sh, sw = (y.shape[1] / h, y.shape[2] / w) if y.ndim == 4 else (0, 0)
+        if y.ndim != 4 or y.shape[0] != n or y.shape[3] != 3 or sh != sw or sh != int(sh):
+            raise ExportError(f"{path}: maps {_describe([x])} to {'x'.join(map(str, y.shape))}: not an "
+                              "integer RGB upscale")
+        if sh < MIN_SCALE:
+            raise ExportError(f"{path}: does not upscale (x{sh:g}: its output is the size of its input), so "
+                              "it is not a super-resolution generator; nothing exported")
+        refs.append(y)
+    return refs
 
 
 def _check_float32(model: Any, fmt: str) -> None:
@@ -281,12 +332,12 @@ def _check_float32(model: Any, fmt: str) -> None:
     # float32 artifact the signature promises.
     odd = sorted({layer.dtype_policy.name for layer in model.layers} - {"float32"})
     if odd:
-        raise UserError(f"{fmt}: the generator has layers with dtype policy {odd}; export needs a "
-                        "float32 model (rebuild it in float32 and copy the weights over)")
+        raise ExportError(f"{fmt}: the generator has layers with dtype policy {odd}; export needs a "
+                          "float32 model (rebuild it in float32 and copy the weights over)")
 
 
 def _keras_export(model: Any, fmt: str, artifact: Path, input_size: tuple[int, int] | None) -> None:
-    """``model.export`` with the ``lr`` signature; converter failures become one-line UserErrors."""
+    """``model.export`` with the ``lr`` signature; converter failures become one-line ExportErrors."""
     import tensorflow as tf
 
     h, w = input_size or (None, None)
@@ -309,9 +360,9 @@ def _keras_export(model: Any, fmt: str, artifact: Path, input_size: tuple[int, i
     if output.text:
         log.debug("%s converter output:\n%s", fmt, output.text)
     if error is not None:
-        raise UserError(_explain(fmt, error, dynamic=input_size is None, output=output.text)) from None
+        raise ExportError(_explain(fmt, error, dynamic=input_size is None, output=output.text)) from None
     if not artifact.exists():
-        raise UserError(f"{fmt}: the converter reported success but wrote no {artifact.name}")
+        raise ExportError(f"{fmt}: the converter reported success but wrote no {artifact.name}")
 
 
 def _explain(fmt: str, exc: BaseException, *, dynamic: bool, output: str = "") -> str:
@@ -400,7 +451,7 @@ def _load_onnx(path: Path) -> Loaded:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"onnx: onnxruntime cannot load the converted model: {_first_line(exc)}") from None
+        raise ExportError(f"onnx: onnxruntime cannot load the converted model: {_first_line(exc)}") from None
     name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
     return (lambda x: session.run(None, {name: x})[0]), "onnxruntime", name, output_name
@@ -423,8 +474,8 @@ def _load_litert(path: Path) -> Loaded:
     try:
         interp = Interpreter(model_path=str(path))
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"litert: the interpreter cannot load the converted model: "
-                        f"{_first_line(exc)}") from None
+        raise ExportError(f"litert: the interpreter cannot load the converted model: "
+                          f"{_first_line(exc)}") from None
     inp, outp = interp.get_input_details()[0], interp.get_output_details()[0]
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -449,13 +500,13 @@ def _max_diff(fmt: str, run: Runner, batches: Sequence[np.ndarray], refs: Sequen
     for x, ref in zip(batches, refs):
         try:
             y = np.asarray(run(x))
-        except UserError:
+        except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{fmt}: running the exported model on {_describe([x])} failed: "
-                            f"{type(exc).__name__}: {_first_line(exc)}") from None
+            raise ExportError(f"{fmt}: running the exported model on {_describe([x])} failed: "
+                              f"{type(exc).__name__}: {_first_line(exc)}") from None
         if y.shape != ref.shape:
-            raise UserError(f"{fmt}: exported model gives shape {y.shape} for {x.shape}, Keras {ref.shape}")
+            raise ExportError(f"{fmt}: exported model gives shape {y.shape} for {x.shape}, Keras {ref.shape}")
         worst = max(worst, float(np.max(np.abs(y.astype(np.float64) - ref))))
     return worst
 

@@ -221,11 +221,12 @@ def upscale_bicubic(lr: np.ndarray, scale: int) -> np.ndarray:
 # --------------------------------------------------------------------------- saving
 
 
-def save_png(path: PathLike, arr: np.ndarray) -> None:
-    """Write ``uint8`` HxWx3 (or HxW) as PNG atomically (temp file in the same folder + rename)."""
+def save_png(path: PathLike, arr: np.ndarray, replace: bool = True) -> None:
+    """Write ``uint8`` HxWx3 (or HxW) as PNG atomically (temp file in the same folder + rename);
+    ``replace=False``: FileExistsError, nothing written, if ``path`` exists by then."""
     from .dataio import atomic_write
 
     path = Path(path)
     arr = _check_image(arr, f"save_png {path}")
-    with atomic_write(path, "wb") as f:
+    with atomic_write(path, "wb", replace=replace) as f:
         Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")

@@ -126,20 +126,28 @@ def _run(fn: Any, batch: np.ndarray, scale: int) -> np.ndarray:
     return out
 
 
+Check = Callable[[], None]  # called before every model call; raises to stop (e.g. a server's deadline)
+
+
 def _iter_cores(
-    model: Any, lr: np.ndarray, scale: int, tile: int, overlap: int, batch: int
+    model: Any, lr: np.ndarray, scale: int, tile: int, overlap: int, batch: int, check: Check | None = None
 ) -> Iterator[tuple[Window, np.ndarray]]:
-    """Yield (window, float32 HR output of its core) for every tile of ``lr``."""
+    """Yield (window, float32 HR output of its core) for every tile of ``lr``; ``check()`` runs
+    before each model call, so whoever passes it can stop the work between tiles."""
     h, w = lr.shape[:2]
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     windows = plan_windows(h, w, tile, overlap) if tile > 0 else [Window(0, h, 0, w, 0, 0, h, w)]
     if len(windows) == 1:
         # One window is the whole image (tile >= image): same computation as tile=0.
+        if check is not None:
+            check()
         yield windows[0], _run(_eager_fn(model), lr[None], scale)[0]
         return
     fn = _predict_fn(model)
     for i in range(0, len(windows), batch):
+        if check is not None:
+            check()
         group = windows[i : i + batch]
         crops = [lr[t.wy : t.wy + t.h, t.wx : t.wx + t.w] for t in group]
         # Pad the last batch with repeats so the batch shape (and the trace) never changes.
@@ -184,7 +192,8 @@ def _forward(img: np.ndarray, k: int, flip: bool) -> np.ndarray:
 
 
 def upscale_self_ensemble(
-    model: Any, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 16, batch: int = 1
+    model: Any, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 16, batch: int = 1,
+    check: Check | None = None,
 ) -> np.ndarray:
     """Geometric self-ensemble (EDSR's "+", Lim et al. 2017): the mean of the 8 outputs for the
     rotated/mirrored input, each mapped back, then rounded to uint8. 8x the inference time; one
@@ -196,14 +205,14 @@ def upscale_self_ensemble(
         # Each core is added straight into the accumulator seen in the transformed frame (a view),
         # so no full-size output of a single pass is ever held.
         frame = _view(acc, k, flip)
-        for t, core in _iter_cores(model, _forward(lr, k, flip), scale, tile, overlap, batch):
+        for t, core in _iter_cores(model, _forward(lr, k, flip), scale, tile, overlap, batch, check):
             frame[t.y0 * scale : t.y1 * scale, t.x0 * scale : t.x1 * scale] += core
     return to_uint8(acc / len(DIHEDRAL))
 
 
 def upscale(
     model: Any, lr: np.ndarray, scale: int, tile: int = 0, overlap: int = 16, batch: int = 1,
-    self_ensemble: bool = False,
+    self_ensemble: bool = False, check: Check | None = None,
 ) -> np.ndarray:
     """Super-resolve a uint8 HxWx3 LR image to uint8 (H*scale)x(W*scale)x3.
 
@@ -211,13 +220,14 @@ def upscale(
     px of context per side (see the module docstring), ``batch`` windows per model call. Each
     core is converted to uint8 as it arrives, so no full-size float HR buffer exists.
     ``self_ensemble`` averages the 8 flips/rotations instead (:func:`upscale_self_ensemble`).
+    ``check()`` runs before every model call and may raise to stop the work (a server's deadline).
     """
     if self_ensemble:
-        return upscale_self_ensemble(model, lr, scale, tile=tile, overlap=overlap, batch=batch)
+        return upscale_self_ensemble(model, lr, scale, tile=tile, overlap=overlap, batch=batch, check=check)
     lr = _check_lr(lr, scale)
     h, w = lr.shape[:2]
     sr = np.empty((h * scale, w * scale, 3), np.uint8)
-    for t, core in _iter_cores(model, lr, scale, tile, overlap, batch):
+    for t, core in _iter_cores(model, lr, scale, tile, overlap, batch, check):
         sr[t.y0 * scale : t.y1 * scale, t.x0 * scale : t.x1 * scale] = to_uint8(core)
     return sr
 

@@ -31,7 +31,9 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -42,7 +44,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import limits
 from .config import ROOT, TRAINING_SECTIONS, Config, shared_root
+from .errors import ExpectedError
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +145,119 @@ def _is_unique_violation(err: Exception) -> bool:
     return any(mark in text for mark in ("UNIQUE constraint failed", "IntegrityError", "duplicate key value"))
 
 
-def _client():
+# -- a locked or unusable sqlite store ---------------------------------------------------------------
+LOCKED = "database is locked"  # sqlite's words when another process holds the lock
+# sqlite's words for a store that cannot be used as it is -> what to do about it
+UNUSABLE = {
+    "file is not a database": "move it aside (mv {db} {db}.broken) and run again to start a new store, "
+                              "or restore it from a backup",
+    "database disk image is malformed": "move it aside (mv {db} {db}.broken) and run again to start a new "
+                                        "store, or restore it from a backup",
+    "attempt to write a readonly database": "make it (and its folder) writable, or point MLFLOW_TRACKING_URI "
+                                            "at a writable store",
+    "unable to open database file": "check that its folder exists and is writable, or point "
+                                    "MLFLOW_TRACKING_URI elsewhere",
+}
+LOCK_RETRY_S = 1.0  # pause between tries while a store stays locked (each try waits MLflow's 20 s anyway)
+MLFLOW_BUSY_TIMEOUT_S = 20  # MLflow's own sqlite busy timeout (its sessions' PRAGMA busy_timeout)
+
+
+class TrackingStoreError(ExpectedError):
+    """The MLflow store cannot be used: locked for longer than the wait, or not a usable database."""
+
+
+def lock_wait_s() -> float:
+    """How long to wait for a locked sqlite store, beyond MLflow's own busy timeout (seconds):
+    ``$SRGAN_MLFLOW_LOCK_WAIT_S``, else :data:`limits.MLFLOW_LOCK_WAIT_S`."""
+    text = os.environ.get(limits.MLFLOW_LOCK_WAIT_ENV)
+    if text is None:
+        return limits.MLFLOW_LOCK_WAIT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise TrackingStoreError(f"{limits.MLFLOW_LOCK_WAIT_ENV}={text!r}: expected a number of seconds >= 0")
+    return value
+
+
+class _LockReported(logging.Filter):
+    """Drops MLflow's own log records about a locked store (a traceback per try in the store's
+    session code, a warning per sample in the system-metrics thread): this module reports the
+    lock once, with what it does about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return LOCKED not in text
+
+
+for _name in ("mlflow.store.db.utils", "mlflow.system_metrics.system_metrics_monitor"):
+    logging.getLogger(_name).addFilter(_LockReported())
+
+
+def _store_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` against the tracking store: a locked sqlite store is waited for (one
+    message, up to :func:`lock_wait_s` after MLflow's own timeout), and a store that cannot be used
+    becomes a TrackingStoreError naming it and what to do. Each try is one MLflow call, which MLflow
+    rolls back when it fails, so trying it again writes nothing twice."""
+    db = _sqlite_path(tracking_uri())
+    waited_since: float | None = None
+    while True:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:  # MLflow and SQLAlchemy raise several types for these
+            if db is None:
+                raise
+            text = str(exc)
+            advice = next((todo for mark, todo in UNUSABLE.items() if mark in text), None)
+            if advice is not None:
+                reason = next(mark for mark in UNUSABLE if mark in text)
+                raise TrackingStoreError(f"MLflow store {db} cannot be used ({reason}): "
+                                         + advice.format(db=db)) from None
+            if LOCKED not in text:
+                raise
+            now = time.monotonic()
+            if waited_since is None:
+                waited_since = now
+                log.warning("MLflow store %s is locked by another process (a writer, an open sqlite3 shell?): "
+                            "waiting up to %g s more for it (%s)", db, lock_wait_s(), limits.MLFLOW_LOCK_WAIT_ENV)
+            elif now - waited_since >= lock_wait_s():
+                raise TrackingStoreError(
+                    f"MLflow store {db} stayed locked by another process for over "
+                    f"{now - waited_since + MLFLOW_BUSY_TIMEOUT_S:.0f} s: "
+                    f"end what holds it (fuser {db}) and run again, or wait longer with "
+                    f"{limits.MLFLOW_LOCK_WAIT_ENV}=<seconds>") from None
+            time.sleep(LOCK_RETRY_S)
+            continue
+        if waited_since is not None:
+            log.warning("MLflow store %s is free again after %.0f s; continuing", db, time.monotonic() - waited_since)
+        return result
+
+
+class _WaitingClient:
+    """An ``MlflowClient`` whose every call goes through :func:`_store_call`."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _store_call(attr, *args, **kwargs)
+
+        return call
+
+
+def _client() -> Any:
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri)
+    # creating the client opens the store (and a new one's schema): waited for like every call
+    return _WaitingClient(_store_call(mlflow.MlflowClient, tracking_uri=uri))
 
 
 def ensure_store() -> None:
@@ -216,8 +327,16 @@ def ui_link(experiment: str, run_id: str | None = None, base: str = "http://127.
     return f"{base}/{ui_path(exp_id, run_id)}"
 
 
+# What a run runs: its code, its params and the pinned environment (paths relative to the repository).
+# Not DVC's bookkeeping (dvc.lock, the .gitignore entries it adds), outputs, docs or tests: a
+# change there cannot change a run, and counting it made every run of a fresh clone "dirty".
+RUN_INPUTS = ("src", "params.yaml", "dvc.yaml", "pyproject.toml", "requirements.lock", "requirements-nodeps.txt")
+SOURCE_TYPE_LOCAL = "LOCAL"  # MLflow's source type of a run started by a local script
+
+
 def git_state(root: Path = ROOT) -> dict[str, str]:
-    """Commit hash and whether the work tree has uncommitted changes (for lineage tags)."""
+    """Commit hash, and whether the code or params a run depends on (:data:`RUN_INPUTS`, tracked
+    changes and new files) differ from it (for lineage tags)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -226,10 +345,26 @@ def git_state(root: Path = ROOT) -> dict[str, str]:
 
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=all", "--", *RUN_INPUTS))
     except (OSError, subprocess.CalledProcessError):
         return {"git.commit": "unknown", "git.dirty": "unknown"}
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's own source tags (the UI's Source column and its commit): the script that runs,
+    relative to the repository when inside it, as a local source at ``commit``."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    main = getattr(sys.modules.get("__main__"), "__file__", None) or (sys.argv[0] if sys.argv else "")
+    name = "<console>"
+    if main:
+        path = Path(main).resolve()
+        name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    tags = {MLFLOW_SOURCE_NAME: name, MLFLOW_SOURCE_TYPE: SOURCE_TYPE_LOCAL}
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
 
 
 class Run:
@@ -349,7 +484,9 @@ def start_run(
 ) -> Run:
     """Create a run (nested under ``parent_run_id`` if given) with git lineage tags."""
     exp_id = experiment_id(experiment)
-    all_tags = {**git_state(), **{k: v for k, v in (tags or {}).items() if v is not None}}
+    git = git_state()
+    all_tags = {**git, **source_tags(git["git.commit"]),
+                **{k: v for k, v in (tags or {}).items() if v is not None}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if run_name:
@@ -503,17 +640,26 @@ RUNS_URI = re.compile(r"^runs:/([0-9A-Za-z_-]+)(?:/model)?/?$")
 MODELS_URI = re.compile(r"^models:/([^/@]+)(?:@([^/@]+)|/([0-9]+))/?$")
 
 
-def _signature() -> Any:
-    """A batch of equal-size RGB images (N x H x W x 3) in 0..255 -> uint8 N x sH x sW x 3.
+MAX_PIXELS_PARAM = "max_pixels"  # the served model's size limit: model config key and request param
+SCORING_APP_MODULE = "mlflow.pyfunc.scoring_server.app"  # what `mlflow models serve` imports (uvicorn)
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # MLflow's request timeout; set by `models serve -t`
+MAX_ERROR_CHARS = 300  # an MLflow error message kept for the client (after the input echo is cut)
+HTTP_BAD_REQUEST, HTTP_TOO_LARGE, HTTP_GATEWAY_TIMEOUT = 400, 413, 504
+
+
+def _signature(max_pixels: int = limits.SERVE_MAX_PIXELS) -> Any:
+    """A batch of equal-size RGB images (N x H x W x 3) in 0..255 -> uint8 N x sH x sW x 3, and the
+    ``max_pixels`` param (LR pixels per request, all images together) with its default stated.
 
     MLflow checks a tensor's dtype exactly, so one float32 input takes both kinds of image: uint8
     images cast exactly, float images on the 0..255 scale; JSON numbers parse to it either way.
     """
     from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1, 3))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
+                          outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                          params=ParamSchema([ParamSpec(MAX_PIXELS_PARAM, "long", int(max_pixels))]))
 
 
 def _pip_requirements() -> list[str]:
@@ -533,57 +679,229 @@ def _pip_requirements() -> list[str]:
 def as_uint8_batch(data: Any) -> np.ndarray:
     """Model input -> uint8 N x H x W x 3: one H x W x 3 image or a batch; uint8 as is, other
     numbers must be finite 8-bit levels in [0, 255] (rounded to the nearest level, as the LR
-    input of ``inference.upscale`` is 8-bit)."""
+    input of ``inference.upscale`` is 8-bit). An image of fractions within [0, 1] is refused rather
+    than read as near-black 8-bit levels."""
+    arr = _image_batch(data)
+    if arr.dtype == np.uint8:
+        return arr
+    finite = np.isfinite(arr)
+    if not finite.all() or arr.min() < 0 or arr.max() > PIXEL_MAX:
+        got = (f"got values from {float(arr.min()):g} to {float(arr.max()):g}" if finite.all()
+               else "got NaN or infinite values")
+        raise ValueError(f"pixel values must be 8-bit levels in [0, {PIXEL_MAX:g}], {got} "
+                         f"(a [0, 1] float image: multiply by {PIXEL_MAX:g})")
+    if arr.max() <= 1 and (arr != np.rint(arr)).any():
+        raise ValueError(f"pixel values are fractions within [0, 1]: this model takes 8-bit levels "
+                         f"0..{PIXEL_MAX:g}; multiply a [0, 1] image by {PIXEL_MAX:g}")
+    return np.rint(arr).astype(np.uint8)
+
+
+def _image_batch(data: Any) -> np.ndarray:
+    """``data`` as an N x H x W x 3 numeric array (one H x W x 3 image gets N = 1), else ValueError
+    naming the shape or dtype (never the values)."""
     arr = np.asarray(data)
     if arr.ndim == 3:
         arr = arr[None]
     if arr.ndim != 4 or arr.shape[-1] != 3 or 0 in arr.shape:
         raise ValueError(f"expected RGB images N x H x W x 3 (or one H x W x 3), got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        return arr
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+    if not (arr.dtype == np.uint8 or np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"expected numeric pixel values, got dtype {arr.dtype}")
-    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > PIXEL_MAX:
-        raise ValueError(f"pixel values must be 8-bit levels in [0, {PIXEL_MAX:g}] "
-                         f"(a [0, 1] float image: multiply by {PIXEL_MAX:g})")
-    return np.rint(arr).astype(np.uint8)
+    return arr
+
+
+def _request_error(message: str, status: int = HTTP_BAD_REQUEST) -> Exception:
+    """An MlflowException that MLflow's scoring server answers with ``status`` and ``message``."""
+    from mlflow.exceptions import MlflowException
+
+    exc = MlflowException.invalid_parameter_value(message)
+    if status != HTTP_BAD_REQUEST:
+        exc.get_http_status_code = lambda: status  # e.g. 413: MLflow's error codes have no such status
+    return exc
 
 
 class GeneratorPyfunc:
     """The pyfunc model behind ``mlflow_model``: LR images -> SR images through the project's own
-    tiled inference (``inference.upscale``), so a large image never needs more memory than a tile."""
+    tiled inference (``inference.upscale``), so a large image never needs more memory than a tile.
 
-    def __init__(self, keras_path: str | Path, tile: int, overlap: int, scale: int):
+    Bounded, for a server: a request of more than ``max_pixels`` LR pixels (all its images) is
+    refused before any work with a message naming the limit; a request may lower it with the
+    ``max_pixels`` param, never raise it. In `mlflow models serve` the work also stops at MLflow's
+    request timeout (the client has had its 504 by then), and :func:`_guard_scoring_server` checks
+    each request's size and nesting before MLflow parses it.
+    """
+
+    def __init__(self, keras_path: str | Path, tile: int, overlap: int, scale: int,
+                 max_pixels: int = limits.SERVE_MAX_PIXELS):
         from . import inference, models  # TensorFlow only where a model is loaded
 
         self.model = models.load_generator(keras_path)  # safe mode: registered layers only
         self.tile, self.overlap, self.scale = int(tile), int(overlap), int(scale)
+        self.max_pixels = int(max_pixels)
+        if self.max_pixels < 1:
+            raise ValueError(f"{MAX_PIXELS_PARAM} must be >= 1, got {max_pixels}")
         got = inference.infer_scale(self.model)
         if got != self.scale:
             raise ValueError(f"{keras_path}: the generator upscales x{got}, the model was logged as x{self.scale}")
 
+    def limit(self, params: dict[str, Any] | None) -> int:
+        """This request's pixel limit: its ``max_pixels`` param (MLflow fills in the signature's
+        default when a request has none), capped at the model's own: a request may lower it, never
+        raise it."""
+        asked = (params or {}).get(MAX_PIXELS_PARAM)
+        if asked is None:
+            return self.max_pixels
+        if int(asked) < 1:
+            raise _request_error(f"params {MAX_PIXELS_PARAM} must be >= 1, got {asked}")
+        return min(int(asked), self.max_pixels)
+
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> np.ndarray:
         from . import inference
 
-        batch = as_uint8_batch(data)
-        return np.stack([inference.upscale(self.model, lr, self.scale, tile=self.tile, overlap=self.overlap)
-                         for lr in batch])
+        limit = self.limit(params)
+        try:
+            arr = _image_batch(data)
+            n, h, w, _ = arr.shape
+            too_big = limits.pixel_limit_error(w, h, limit, count=n, raise_hint=(
+                f"the limit is {MAX_PIXELS_PARAM}, LR pixels per request (all its images together): "
+                "send smaller or fewer images"))
+            if too_big:
+                raise _request_error(too_big)
+            batch = as_uint8_batch(arr)
+        except ValueError as exc:
+            raise _request_error(str(exc)) from None
+        check = _deadline_check()
+        return np.stack([inference.upscale(self.model, lr, self.scale, tile=self.tile, overlap=self.overlap,
+                                           check=check) for lr in batch])
+
+
+# When the request being served started (set by the guarded invocations, which runs the model in
+# the same thread): the model's deadline then matches the server's, which counts from the request.
+_REQUEST = threading.local()
+
+
+def _deadline_check() -> Any:
+    """In a scoring server (MLflow sets its request timeout in the environment): a check that stops
+    the tiles once the server has answered 504, as nobody will read the result; else None."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if text is None:
+        return None
+    timeout = float(text)
+    deadline = (getattr(_REQUEST, "started", None) or time.monotonic()) + timeout
+
+    def check() -> None:
+        if time.monotonic() > deadline:
+            raise _request_error(f"stopped after the server's request timeout of {timeout:g} s ({TIMEOUT_ENV}, "
+                                 "`mlflow models serve -t`): send a smaller image or raise the timeout",
+                                 HTTP_GATEWAY_TIMEOUT)
+
+    return check
 
 
 def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> GeneratorPyfunc:
     """MLflow's loader-module entry point (``mlflow.pyfunc.load_model``, ``mlflow models serve``):
-    ``data_path`` is the model's copy of the .keras file, ``model_config`` the logged tile/overlap/scale."""
+    ``data_path`` is the model's copy of the .keras file, ``model_config`` the logged
+    tile/overlap/scale/max_pixels (a model logged before max_pixels existed gets the default)."""
     cfg = model_config or {}
-    return GeneratorPyfunc(data_path, cfg["tile"], cfg["overlap"], cfg["scale"])
+    model = GeneratorPyfunc(data_path, cfg["tile"], cfg["overlap"], cfg["scale"],
+                            cfg.get(MAX_PIXELS_PARAM, limits.SERVE_MAX_PIXELS))
+    if SCORING_APP_MODULE in sys.modules:  # loaded by `mlflow models serve`'s app (being imported)
+        _guard_scoring_server(model.max_pixels)
+    return model
 
 
-def log_generator_model(run_id: str, keras_path: Path, tile: int, overlap: int, scale: int) -> str:
+def _guard_scoring_server(max_pixels: int) -> None:
+    """Check each request before MLflow's scoring server parses it, and keep its errors to the point.
+
+    MLflow's scoring server (``mlflow.pyfunc.scoring_server.invocations``, called per request) reads
+    the body, ``json.loads`` it, casts it to the signature and only then calls the model. That parse
+    is where a big or hostile request costs: ~100 bytes of Python lists per number, and JSON nested
+    100,000 deep is a RecursionError, i.e. a 500. Its error messages also repeat the input (the
+    parsed array, or the whole body for bad JSON). So, in the scoring server's own process, each
+    request first passes :func:`_check_request` (one pass over the bytes, nothing parsed) and any
+    MlflowException it ends in is re-raised with the input cut out (:func:`_without_input`).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    original = scoring_server.invocations
+    if getattr(original, "srgan_guard", False):
+        return
+
+    def invocations(data: Any, content_type: Any, model: Any, input_schema: Any) -> Any:
+        _REQUEST.started = time.monotonic()
+        try:
+            _check_request(data, content_type, max_pixels)
+            return original(data, content_type, model, input_schema)
+        except MlflowException as exc:
+            clean = _request_error(_without_input(exc.message), exc.get_http_status_code())
+            clean.error_code = exc.error_code
+            raise clean from None
+        finally:
+            _REQUEST.started = None
+
+    invocations.srgan_guard = True  # type: ignore[attr-defined]
+    scoring_server.invocations = invocations
+    log.info("requests limited to %s LR pixels, JSON nesting to %d", f"{max_pixels:,}", limits.SERVE_MAX_JSON_DEPTH)
+
+
+BODY_SLACK_BYTES = 64 * 1024  # room for the JSON keys and params around the pixels
+JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')  # a JSON string literal (its brackets are not nesting)
+
+
+def _check_request(data: Any, content_type: Any, max_pixels: int) -> None:
+    """Refuse a request body that cannot hold an allowed image (413) or JSON nested deeper than an
+    image batch (400), before anything is parsed."""
+    size = len(data) if isinstance(data, (bytes, bytearray, str)) else 0
+    cap = max_pixels * limits.SERVE_BODY_BYTES_PER_PIXEL + BODY_SLACK_BYTES
+    if size > cap:
+        raise _request_error(
+            f"request body of {size / 1e6:.1f} MB is over this server's {cap / 1e6:.1f} MB "
+            f"({limits.SERVE_BODY_BYTES_PER_PIXEL} bytes per pixel of its limit of {max_pixels:,} LR pixels "
+            f"per request, {MAX_PIXELS_PARAM}): send smaller or fewer images", HTTP_TOO_LARGE)
+    if "json" in str(content_type or "").lower() and size:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        depth = _json_depth(raw)
+        if depth > limits.SERVE_MAX_JSON_DEPTH:
+            raise _request_error(f"JSON nested {depth} levels deep; a request is nested at most "
+                                 f"{limits.SERVE_MAX_JSON_DEPTH} ({{\"inputs\": N x H x W x 3}} is 5)")
+
+
+def _json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in JSON ``raw`` (brackets inside strings do not count):
+    vectorised, no recursion, so 100,000 levels cost what 100,000 bytes cost."""
+    text = np.frombuffer(JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    step = np.zeros(text.shape, np.int32)
+    step[(text == ord("[")) | (text == ord("{"))] = 1
+    step[(text == ord("]")) | (text == ord("}"))] = -1
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _without_input(message: str) -> str:
+    """MLflow's error message with the copy of the input it adds cut out, on one line.
+
+    The scoring server prefixes ``Failed to predict data '<the input>'. \nError: `` to a model's
+    error, schema enforcement says ``Failed to enforce schema of data '<the input>' with schema
+    ...'. Error: ``, and a JSON error ends with ``Input: <the whole body>``.
+    """
+    text = str(message)
+    if text.startswith("Failed to predict data '") and "\nError: " in text:
+        text = text.split("\nError: ", 1)[1]
+    if text.startswith("Failed to enforce schema of data '") and "'. Error: " in text:
+        text = "the input does not match the model's signature: " + text.rsplit("'. Error: ", 1)[1]
+    text = text.split("\nInput:", 1)[0]
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def log_generator_model(run_id: str, keras_path: Path, tile: int, overlap: int, scale: int,
+                        max_pixels: int = limits.SERVE_MAX_PIXELS) -> str:
     """Log ``keras_path`` as run ``run_id``'s MLflow Model ``mlflow_model``; returns its ``models:/`` URI.
 
     A pyfunc model loaded by this module (``loader_module``), so the flavour needs no pickled code:
     the .keras file as data, the srgan package as ``code_paths`` (a serving process imports it from
-    there), the signature of ``_signature``, and ``tile``/``overlap``/``scale`` as its model config
-    (overridable when loading). The run keeps its ``model/<name>.keras`` for the project's scripts.
+    there), the signature of ``_signature``, and ``tile``/``overlap``/``scale``/``max_pixels`` as its
+    model config (overridable when loading, and when serving with ``SERVING_MODEL_CONFIG``). The run
+    keeps its ``model/<name>.keras`` for the project's scripts.
     """
     import mlflow
     from mlflow.models import Model
@@ -591,7 +909,7 @@ def log_generator_model(run_id: str, keras_path: Path, tile: int, overlap: int, 
     Run(run_id)._check_artifact_location()  # the model's files would go beside the run's
     client = _client()
     run = client.get_run(run_id)
-    config = {"tile": int(tile), "overlap": int(overlap), "scale": int(scale)}
+    config = {"tile": int(tile), "overlap": int(overlap), "scale": int(scale), MAX_PIXELS_PARAM: int(max_pixels)}
     # Created explicitly in the run's experiment: without an active run MLflow would file the
     # model under the default experiment (and its artifact location).
     logged = mlflow.initialize_logged_model(name=MODEL_ARTIFACT, source_run_id=run_id,
@@ -603,7 +921,7 @@ def log_generator_model(run_id: str, keras_path: Path, tile: int, overlap: int, 
         warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
         info = Model.log(artifact_path=None, name=MODEL_ARTIFACT, flavor=mlflow.pyfunc, run_id=run_id,
                          model_id=logged.model_id, loader_module=__name__, data_path=str(keras_path),
-                         code_paths=[str(PACKAGE_DIR)], signature=_signature(),
+                         code_paths=[str(PACKAGE_DIR)], signature=_signature(max_pixels),
                          pip_requirements=_pip_requirements(), model_config=config)
     return info.model_uri
 

@@ -28,10 +28,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import random
 import re
 import secrets
 import sqlite3
+import threading
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ from flask import (
 
 from . import db
 from .scale import LABELS, MAX_SCORE, MIN_SCORE
-from .study import Study, StudyError, blinding_problems, load_study
+from .study import STIMULUS_ID, Study, StudyError, blinding_problems, load_study
 
 bp = Blueprint("mos", __name__)
 
@@ -119,13 +121,65 @@ def csrf_token(secret: bytes, session: str, rater_token: str) -> str:
     return hmac.new(secret, f"{session}|{rater_token}".encode(), hashlib.sha256).hexdigest()
 
 
-def create_app(study_dir: Path, db_path: Path | None = None) -> Flask:
-    """An app serving the study at ``study_dir`` and storing ratings in ``db_path``."""
+class StudyUnavailable(Exception):
+    """The study folder is being replaced, or its new version cannot be served (503)."""
+
+
+def _checked_study(study_dir: Path) -> Study:
     study = load_study(study_dir)
     leaky = blinding_problems(study)
     if leaky:
         raise StudyError(f"{study_dir}: the stimuli of {', '.join(leaky[:5])} differ in file size, which "
                          "tells raters the method; rebuild the study with `python src/mos.py prepare --force`")
+    return study
+
+
+class ServedStudy:
+    """The study version the app serves: the one in ``study_dir`` now. `mos.py prepare --force`
+    replaces the folder while the app runs; the next request sees the new study.json (a stat per
+    request), records the new version in the ratings database and serves it. Stimuli of an earlier
+    version are refused from then on (410), so every rating belongs to the version it was given in."""
+
+    def __init__(self, study_dir: Path, db_path: Path):
+        self.study_dir, self.db_path = Path(study_dir), Path(db_path)
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self.study = self._register(_checked_study(self.study_dir))
+
+    def _stat(self) -> tuple[int, int, int]:
+        st = os.stat(self.study_dir / "study.json")
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _register(self, study: Study) -> Study:
+        conn = db.connect(self.db_path)
+        try:
+            db.register_study(conn, study.study_id, study.meta)
+        finally:
+            conn.close()
+        return study
+
+    def current(self) -> Study:
+        """The study to serve this request; StudyUnavailable while the folder is replaced."""
+        try:
+            stamp = self._stat()
+        except FileNotFoundError:
+            raise StudyUnavailable("the study is being replaced: reload the page in a moment") from None
+        if stamp == self._stamp:
+            return self.study
+        with self._lock:
+            if stamp != self._stamp:
+                try:
+                    study = _checked_study(self.study_dir)
+                except StudyError as exc:  # half-written by hand, or leaky: serve nothing rather than it
+                    raise StudyUnavailable(f"the study cannot be served: {exc}") from None
+                self.study, self._stamp = self._register(study), stamp
+        return self.study
+
+
+def create_app(study_dir: Path, db_path: Path | None = None) -> Flask:
+    """An app serving the study at ``study_dir`` (and the versions that replace it) and storing
+    ratings in ``db_path``."""
+    _checked_study(study_dir)  # a study that cannot be served is refused before the database is touched
     db_path = Path(db_path) if db_path else default_db(study_dir)
     db.init(db_path)
     conn = db.connect(db_path)
@@ -134,7 +188,7 @@ def create_app(study_dir: Path, db_path: Path | None = None) -> Flask:
     finally:
         conn.close()
     app = Flask(__name__)
-    app.config.update({STUDY_KEY: study, DB_KEY: db_path, SECRET_KEY: secret,
+    app.config.update({STUDY_KEY: ServedStudy(study_dir, db_path), DB_KEY: db_path, SECRET_KEY: secret,
                        "MAX_CONTENT_LENGTH": MAX_BODY_BYTES})
     app.register_blueprint(bp)
     return app
@@ -144,7 +198,19 @@ def create_app(study_dir: Path, db_path: Path | None = None) -> Flask:
 
 
 def _study() -> Study:
-    return current_app.config[STUDY_KEY]
+    """The study version this request works with (one per request, even if it is replaced meanwhile)."""
+    if "mos_study" not in g:
+        g.mos_study = current_app.config[STUDY_KEY].current()
+    return g.mos_study
+
+
+def _stale(stim_id: str) -> bool:
+    """Whether ``stim_id`` belongs only to earlier versions of the study (re-prepared since)."""
+    return bool(db.versions_with(_conn(), stim_id) - {_study().study_id})
+
+
+STALE = ("this image belongs to an earlier version of this study, which was re-prepared since: "
+         "reload the page to rate the current one")
 
 
 def _conn() -> sqlite3.Connection:
@@ -318,6 +384,16 @@ def _too_large(_e: Exception) -> Any:
     return _fail(413, "request too large")
 
 
+@bp.app_errorhandler(410)
+def _gone(_e: Exception) -> Any:
+    return _fail(410, STALE)
+
+
+@bp.app_errorhandler(StudyUnavailable)
+def _unavailable(e: StudyUnavailable) -> Any:
+    return _fail(503, str(e))
+
+
 # -- views ---------------------------------------------------------------------------------------
 
 
@@ -388,7 +464,7 @@ def image(stim_id: str) -> Any:
     """A stimulus PNG, by id only, with no header that differs by method except a content hash."""
     path = _study().servable_file(stim_id)
     if path is None:
-        abort(404)
+        abort(410 if STIMULUS_ID.match(stim_id) and _stale(stim_id) else 404)
     data = path.read_bytes()
     resp = Response(data, mimetype="image/png")
     # No Last-Modified, no mtime-based ETag: a timestamp would order an image's stimuli by method.
@@ -416,6 +492,8 @@ def rate() -> Any:
         return _fail(400, "no rater: open the start page and start rating first")
     data = g.mos_payload
     stim_id, score = data.get("stimulus"), data.get("score")
+    if isinstance(stim_id, str) and stim_id not in study.stimuli and _stale(stim_id):
+        return _fail(410, STALE)
     if not isinstance(stim_id, str) or stim_id not in study.stimuli:
         return _fail(400, "unknown stimulus id")
     if not _valid_score(score):
@@ -453,7 +531,7 @@ def serve(study_dir: Path, db_path: Path | None, host: str = "127.0.0.1", port: 
     app = create_app(study_dir, db_path)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {host}: anyone who can reach it can rate (no authentication)")
-    st: Study = app.config[STUDY_KEY]
+    st: Study = app.config[STUDY_KEY].study
     print(f"study {st.study_id}: {len(st.stimuli)} stimuli; ratings in {app.config[DB_KEY]}")
     print(f"raters open http://{host}:{port}/")
     run_simple(host, port, app, threaded=True)

@@ -1,4 +1,4 @@
-"""sqlite store of raters and ratings.
+"""sqlite store of raters and ratings, and of every study version the app served.
 
 WAL mode so readers never block the writer, autocommit so each rating is durable the moment the
 request answers (a killed server loses nothing), and UNIQUE(rater, stimulus) so the database
@@ -9,12 +9,17 @@ A rater is known by a secret token the server issues (kept in a cookie); the tab
 its SHA-256, so a copy of the database does not let anyone act as a rater. The name is a label
 for the experimenter, never a credential. Reading ratings (``load_ratings``, for the reports)
 opens the file read-only and never runs DDL.
+
+A rating is (study version, stimulus): the app records each version's study.json here when it
+starts serving it (``register_study``), so re-preparing the study (new stimuli, new methods) never
+makes earlier ratings unattributable, even once the study folder holds another version.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 import secrets
 import sqlite3
@@ -22,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from .scale import MAX_SCORE, MIN_SCORE
 
@@ -46,6 +52,16 @@ CREATE INDEX IF NOT EXISTS ratings_study ON ratings(study_id);
 CREATE TABLE IF NOT EXISTS settings (
     key         TEXT PRIMARY KEY,
     value       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS studies (      -- every study version the app served, as it served it
+    study_id    TEXT PRIMARY KEY,
+    registered_at TEXT NOT NULL,
+    meta        TEXT NOT NULL             -- its study.json: stimulus -> image, method, run
+);
+CREATE TABLE IF NOT EXISTS study_stimuli (
+    stimulus    TEXT NOT NULL,
+    study_id    TEXT NOT NULL REFERENCES studies(study_id),
+    PRIMARY KEY (stimulus, study_id)
 );
 """
 # After the migration below: a database from before tokens has no token_hash column yet.
@@ -190,12 +206,59 @@ def ratings(conn: sqlite3.Connection, study_id: str) -> list[tuple[str, str, int
     return [(r[0], r[1], int(r[2])) for r in rows]
 
 
+def register_study(conn: sqlite3.Connection, study_id: str, meta: dict[str, Any]) -> None:
+    """Record a study version (its study.json ``meta``) the first time it is served."""
+    with write_transaction(conn):
+        if conn.execute("SELECT 1 FROM studies WHERE study_id = ?", (study_id,)).fetchone():
+            return
+        conn.execute("INSERT INTO studies(study_id, registered_at, meta) VALUES (?, ?, ?)",
+                     (study_id, _now(), json.dumps(meta, sort_keys=True)))
+        conn.executemany("INSERT INTO study_stimuli(stimulus, study_id) VALUES (?, ?)",
+                         [(sid, study_id) for sid in meta.get("stimuli", {})])
+
+
+def versions_with(conn: sqlite3.Connection, stimulus: str) -> set[str]:
+    """The registered study versions that hold ``stimulus``."""
+    rows = conn.execute("SELECT study_id FROM study_stimuli WHERE stimulus = ?", (stimulus,))
+    return {r[0] for r in rows}
+
+
 def load_ratings(path: Path, study_id: str) -> list[tuple[str, str, int]]:
     """Ratings of a study from the database file at ``path``, opened read-only.
 
     An empty database (a start aborted before the schema) has no ratings; a missing file, a file
     that is not sqlite, or a sqlite database without a ratings table is a RatingsError.
     """
+    with _read_only(path) as conn:
+        return ratings(conn, study_id) if conn is not None else []
+
+
+def load_study_meta(path: Path, study_id: str) -> dict[str, Any] | None:
+    """The study.json of a version the app served (None if it never served it), read-only."""
+    with _read_only(path) as conn:
+        if conn is None or not _has_table(conn, "studies"):
+            return None
+        row = conn.execute("SELECT meta FROM studies WHERE study_id = ?", (study_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+
+def ratings_per_study(path: Path) -> dict[str, int]:
+    """How many ratings each study version has, read-only."""
+    with _read_only(path) as conn:
+        if conn is None:
+            return {}
+        rows = conn.execute("SELECT study_id, COUNT(*) FROM ratings GROUP BY study_id ORDER BY MIN(id)")
+        return {r[0]: int(r[1]) for r in rows}
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+
+@contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection | None]:
+    """The ratings database at ``path`` opened read-only (None: an empty database); RatingsError for
+    a missing file, a file that is not sqlite, or a sqlite database without a ratings table."""
     path = Path(path)
     if not path.is_file():
         raise RatingsError(f"{path}: no ratings database (nobody has rated this study yet, or a wrong --db)")
@@ -207,10 +270,11 @@ def load_ratings(path: Path, study_id: str) -> list[tuple[str, str, int]]:
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not tables:
-            return []
+            yield None
+            return
         if "ratings" not in tables:
             raise RatingsError(f"{path}: a sqlite database, but not a ratings database (no ratings table)")
-        return ratings(conn, study_id)
+        yield conn
     except sqlite3.DatabaseError as exc:
         raise RatingsError(f"{path}: not a sqlite ratings database ({exc})") from None
     finally:

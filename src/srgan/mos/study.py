@@ -393,6 +393,13 @@ def load_study(study_dir: Path) -> Study:
         raise StudyError(f"{path} not found; run `python src/mos.py prepare` first") from None
     except json.JSONDecodeError as exc:
         raise StudyError(f"{path}: not valid JSON: {exc}") from None
+    return study_from_meta(study_dir, meta, str(path))
+
+
+def study_from_meta(study_dir: Path, meta: dict, source: str = "study.json") -> Study:
+    """A Study from its study.json contents (``source`` names them in errors): the folder's, or a
+    version the rating app recorded in the ratings database (``db.load_study_meta``)."""
+    path = source
     if meta.get("format") != FORMAT:
         raise StudyError(f"{path}: unsupported study format {meta.get('format')!r}")
     stimuli = {}
