@@ -319,11 +319,13 @@ def build_generator(cfg: GeneratorConfig, scale: int) -> keras.Model:
         x = _conv(3 * scale * scale, 3, "output_conv", dtype="float32", kernel_initializer=init)(x)
         out = PixelShuffle(scale, name="output_shuffle", dtype="float32")(x)
     elif cfg.upsampler == "resize":
-        # resize-convolution (Odena et al. 2016): nearest-neighbour upsampling, then one 3x3 conv at
-        # HR to RGB, as many FLOPs as `light`. The sub-pixel phases share one kernel, so a flat
-        # region gives a flat output: no scale-periodic checkerboard, which the pixel shuffle's
+        # resize-convolution (Odena et al. 2016): bilinear upsampling of the features, then one 3x3
+        # conv at HR to RGB, as many FLOPs as `light`. Every sub-pixel phase shares one kernel, so a
+        # flat region gives a flat output: no scale-periodic checkerboard, which the pixel shuffle's
         # scale^2 independent kernels develop under the adversarial loss (metrics.subpixel_artifact).
-        x = layers.UpSampling2D(scale, interpolation="nearest", name="output_upsample")(x)
+        # Bilinear, not nearest: nearest makes the inner sub-pixels of each LR pixel see the same
+        # single feature (measured: SRResNet -0.25 dB PSNR-Y vs `light`; bilinear -0.07).
+        x = layers.UpSampling2D(scale, interpolation="bilinear", name="output_upsample")(x)
         out = _conv(3, 3, "output_conv", dtype="float32", kernel_initializer=init)(x)
     else:
         out = _paper_upsampler(x, cfg, scale, init)
@@ -372,8 +374,8 @@ def receptive_radius(cfg: GeneratorConfig, scale: int) -> int:
     # radius of the convs at each resolution above LR: hr[i] runs after upsampling stage i
     hr = [0] * len(steps)
     if cfg.upsampler in ("light", "resize"):
-        # light: a 3x3 conv at LR; resize: a 3x3 conv at HR after a nearest xscale, which reaches
-        # ceil(1 / scale) = 1 LR px as well
+        # light: a 3x3 conv at LR; resize: a 3x3 conv at HR after a bilinear xscale, which reaches
+        # 1 LR px as well (the HR neighbours' bilinear taps stay within the LR pixel's neighbours)
         lr_radius += RADIUS_3X3
     elif cfg.arch == "rrdb":
         hr = [RADIUS_3X3] * len(steps)  # nearest stage, then its conv
