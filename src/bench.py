@@ -6,14 +6,12 @@ pipeline's feed ratio, tiled upscaling, and an optional PyTorch peer. See ``srga
 Prints a table and writes reports/bench.json (atomically); `--help` lists every option.
 """
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from srgan import cli  # noqa: E402 - after the log-level default
-from srgan.bench import cli as bench_cli  # noqa: E402
+from srgan import cli, quiet
+from srgan.bench import cli as bench_cli
 
 if __name__ == "__main__":
+    quiet.quiet_native_startup()  # before TensorFlow is imported; --verbose, parsed later, undoes it
     # exit 1 if any measurement failed (the report, with the error, is still written)
     cli.run_main(lambda: sys.exit(1 if bench_cli.main()["summary"]["errors"] else 0), expected=(ValueError,))

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
-from srgan import cli, limits
+from srgan import cli, limits, quiet
 from srgan.config import ROOT
 
 FORMAT_CHOICES = ("savedmodel", "onnx", "litert")  # = srgan.export.FORMATS, without importing TF for --help
@@ -40,9 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image", type=Path, default=None, help="photo to check on (default: skimage astronaut)")
     ap.add_argument("--tolerance", type=float, default=None,
                     help="max abs difference allowed (default: per format)")
+    quiet.add_verbose_option(ap)
     args = ap.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    cli.setup_logging()
+    cli.setup_logging()  # before TensorFlow is imported
     for chatty in ("tensorflow", "tf2onnx"):  # per-step INFO lines of the converters
         logging.getLogger(chatty).setLevel(logging.WARNING)
 

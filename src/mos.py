@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from srgan import cli, config
+from srgan import cli, config, quiet
 from srgan.mos import db as mos_db
 from srgan.mos import study as mos_study
 
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="an earlier version of the study (re-prepared since), as the rating app served it")
     pr.set_defaults(func=_results)
 
+    for parser in (p, pp, ps, pr):  # `mos --verbose prepare` and `mos prepare --verbose` alike
+        quiet.add_verbose_option(parser)
     args = p.parse_args(argv)
     cli.setup_logging()
     args.func(args)

@@ -21,11 +21,10 @@ Tile defaults: params.yaml ``evaluate``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from srgan import batch_upscale, config
+from srgan import batch_upscale, config, quiet
 from srgan.config import ROOT
 
 # Used only when params.yaml cannot be read: its evaluate.tile / tile_overlap values, so a broken
@@ -60,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-pixels", type=int, default=batch_upscale.DEFAULT_MAX_PIXELS, metavar="N",
                     help=f"refuse inputs of more than N LR pixels (default {batch_upscale.DEFAULT_MAX_PIXELS:_}: "
                          "at x4 the output takes 48 bytes per LR pixel)")
+    quiet.add_verbose_option(ap)
     return ap
 
 
@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace, tile: int, overlap: int, written: list[Path])
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+    quiet.quiet_native_startup()  # before TensorFlow is imported
     from srgan import inference, models, tracking  # models registers the custom layers for loading
 
     try:

@@ -61,3 +61,49 @@ def test_installed_srgan_command_lists_and_runs_subcommands(tmp_path):
     assert sub.returncode == 0 and "--model" in sub.stdout
     bad = subprocess.run([str(exe), "nope"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+
+
+HELD = """
+import logging, os, sys, warnings
+from srgan import quiet
+logging.basicConfig(format="%(message)s")
+with quiet.native_stderr_held():
+    os.write(2, b"I0000 native notice\\n")
+    warnings.warn("a python warning")
+    logging.getLogger("srgan").warning("the project's own log line")
+print("after the block", file=sys.stderr, flush=True)
+if sys.argv[1:] == ["fail"]:
+    with quiet.native_stderr_held():
+        os.write(2, b"why it failed\\n")
+        raise SystemExit(3)
+quiet.set_verbose()
+"""
+
+
+def test_native_output_is_held_python_output_is_not():
+    """Native writes to file descriptor 2 are held back (and written out once the process turns
+    verbose, or when the block fails); warnings and logging reach stderr meanwhile."""
+    env = {k: v for k, v in os.environ.items() if k != "SRGAN_VERBOSE"}
+    env["PYTHONPATH"] = str(ROOT / "src")
+    out = subprocess.run([sys.executable, "-c", HELD], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    python_lines = [i for i, line in enumerate(lines) if "a python warning" in line or "own log line" in line]
+    assert len(python_lines) == 2, out.stderr
+    assert lines.index("after the block") > max(python_lines)
+    assert lines.index("I0000 native notice") > lines.index("after the block")  # by set_verbose
+    failed = subprocess.run([sys.executable, "-c", HELD, "fail"], env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert failed.returncode == 3 and "why it failed" in failed.stderr, failed.stderr
+
+
+def test_verbose_option_is_the_environment_variable(monkeypatch):
+    from srgan import cli, quiet
+
+    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)  # and removed again afterwards
+    assert not quiet.verbose()
+    cli.parser(None).parse_args([])
+    assert not quiet.verbose()
+    cli.parser(None).parse_args([quiet.VERBOSE_FLAG])
+    assert quiet.verbose() and os.environ[quiet.VERBOSE_ENV] == "1"

@@ -1,7 +1,5 @@
 """srgan.dataio: atomic writes leave the old file or the new one, never a half one."""
 
-import os
-
 import pytest
 
 from srgan import dataio
@@ -45,19 +43,3 @@ def test_csv_round_trip_and_digests(tmp_path):
     assert dataio.sha256_file(tmp_path / "f") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     assert dataio.json_digest({"b": 1, "a": 2}) == dataio.json_digest({"a": 2, "b": 1})
 
-
-def test_pairs_need_both_halves(tmp_path):
-    from srgan import images
-
-    import numpy as np
-
-    hr = np.zeros((16, 16, 3), np.uint8)
-    images.save_png(tmp_path / "hr" / "a.png", hr)
-    with pytest.raises(FileNotFoundError, match="lr/a.png is missing"):
-        dataio.load_pairs(tmp_path)
-    images.save_png(tmp_path / "lr" / "a.png", np.zeros((5, 4, 3), np.uint8))
-    with pytest.raises(ValueError, match="not an integer multiple"):
-        dataio.load_pairs(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no validation images"):
-        dataio.load_pairs(tmp_path / "empty")
-    os.remove(tmp_path / "lr" / "a.png")

@@ -224,3 +224,15 @@ def test_save_png_atomic_cleans_up_on_failure(tmp_path, monkeypatch):
         images.save_png(target, texture(8, 8, seed=1))
     assert target.read_bytes() == before  # the old file is intact
     assert [p.name for p in target.parent.iterdir()] == ["x.png"]
+
+
+def test_pairs_need_both_halves(tmp_path):
+    hr = np.zeros((16, 16, 3), np.uint8)
+    images.save_png(tmp_path / "hr" / "a.png", hr)
+    with pytest.raises(FileNotFoundError, match="lr/a.png is missing"):
+        images.load_pairs(tmp_path)
+    images.save_png(tmp_path / "lr" / "a.png", np.zeros((5, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="not an integer multiple"):
+        images.load_pairs(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no validation images"):
+        images.load_pairs(tmp_path / "empty")

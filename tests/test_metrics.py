@@ -12,7 +12,7 @@ from srgan import images, losses, metrics
 
 
 class _Ref:
-    """A reference pair (what ``dataio.Pair`` offers a metric)."""
+    """A reference pair (what ``images.Pair`` offers a metric)."""
 
     def __init__(self, hr: np.ndarray, lr: np.ndarray):
         self.hr, self.lr = hr, lr

@@ -144,16 +144,14 @@ def test_errors(processed, tmp_path):
 
 
 def test_load_pairs(processed):
-    from srgan import dataio
-
-    valid = dataio.load_pairs(processed / "valid")
+    valid = images.load_pairs(processed / "valid")
     assert [p.name for p in valid] == ["v0", "v1", "v2"]
     for p in valid:
         assert p.lr.dtype == np.uint8 and p.hr.dtype == np.uint8
         assert p.hr.shape[0] == 4 * p.lr.shape[0] and p.hr.shape[1] == 4 * p.lr.shape[1]
         np.testing.assert_array_equal(p.lr, images.downscale(p.hr, SCALE))
-    assert len(dataio.load_pairs(processed / "valid", limit=2)) == 2
-    assert [p.name for p in dataio.iter_pairs(processed / "valid", names=["v2", "v0"])] == ["v0", "v2"]
+    assert len(images.load_pairs(processed / "valid", limit=2)) == 2
+    assert [p.name for p in images.iter_pairs(processed / "valid", names=["v2", "v0"])] == ["v0", "v2"]
 
 
 @pytest.mark.parametrize("start, shards, index", [(0, 1, 0), (5, 1, 0), (3, 2, 1)])

@@ -1,6 +1,6 @@
 """The registered champion generator served by a real `mlflow models serve` (GitHub issue 15 item 1).
 
-A tiny generator is logged through tracking.py into a sqlite store, registered, promoted to
+A tiny generator is logged through srgan.tracking into a sqlite store, registered, promoted to
 ``champion`` and served from ``models:/<name>@champion`` with ``--env-manager local`` on a free
 127.0.0.1 port. Request and answer are MLflow's tensor JSON:
 

@@ -1,4 +1,4 @@
-"""tracking.py: the generator as an MLflow Model (log, register, promote, resolve) in a real sqlite
+"""srgan.tracking: the generator as an MLflow Model (log, register, promote, resolve) in a real sqlite
 store, and a copied project that must log into its own folder (GitHub issue 15 item 1, 17 item 8)."""
 
 from __future__ import annotations

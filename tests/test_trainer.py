@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config, write_params
-from srgan import dataio, tracking
+from srgan import dataio, images, tracking
 from srgan.config import ROOT
 
 
@@ -307,7 +307,7 @@ def test_control_arm_trains_g_without_a_discriminator(processed_dir):
     assert set(parts) == {"g_total", "g_mse", "g_vgg"}  # no adversarial part, no D outputs
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, gan.G.trainable_variables))
     # validation still scores the generator, but there is no D whose health to report
-    val, _ = gan.validate(dataio.load_pairs(processed_dir / "valid", limit=1))
+    val, _ = gan.validate(images.load_pairs(processed_dir / "valid", limit=1))
     assert "val_psnr_y" in val and not any(k.startswith("val_d_") for k in val)
 
 
@@ -329,7 +329,7 @@ def test_validation_reports_d_health_and_warns_at_chance(processed_dir, caplog):
     rt = prepare_runtime(cfg, "gan")
     gan = Trainer(cfg, "gan", rt)
     state = [w.numpy().copy() for w in gan.D.weights]
-    val, _ = gan.validate(dataio.load_pairs(processed_dir / "valid", limit=2))
+    val, _ = gan.validate(images.load_pairs(processed_dir / "valid", limit=2))
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(state, gan.D.weights))  # judging changes nothing of D
     assert {"val_d_acc", "val_d_auc", "val_d_gap", "val_artifact"} <= set(val)
     assert 0.0 <= val["val_d_acc"] <= 1.0 and 0.0 <= val["val_d_auc"] <= 1.0

@@ -4,6 +4,7 @@ made before any work (GitHub issue 17 item 7), Ctrl-C, and MLflow URIs as --mode
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -420,3 +421,25 @@ def test_odd_entries_in_an_input_folder_are_reported(tmp_path: Path, model_path:
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == ["dir.png/inner_x4.png", "good_x4.png"]
     assert "2 written, 6 failed" in captured.out, captured.out
+
+
+# TensorFlow's start-up notices: absl's warning, then glog-style lines ("I0000 00:00:... port.cc:153] ...")
+TF_NOTICE = re.compile(r"absl::InitializeLog|^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\]", re.MULTILINE)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_tensorflow_start_up_notices_only_when_verbose(tmp_path: Path, model_path: Path, verbose: bool) -> None:
+    """`srgan upscale` prints its own lines only; SRGAN_VERBOSE=1 adds TensorFlow's notices, even
+    the oneDNN one that TF_CPP_MIN_LOG_LEVEL does not silence."""
+    Image.fromarray(_rgb(6, 5)).save(tmp_path / "a.png")
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "SRGAN_VERBOSE")}
+    env.update(TF_ENABLE_ONEDNN_OPTS="1", PYTHONPATH=str(ROOT / "src"))
+    if verbose:
+        env["SRGAN_VERBOSE"] = "1"
+    srgan = [sys.executable, "-c", "from srgan.cli import main; main()"]  # the `srgan` command
+    proc = subprocess.run([*srgan, "upscale", "--model", str(model_path), "--out", str(tmp_path / "out"),
+                           str(tmp_path / "a.png")], capture_output=True, text=True, env=env, timeout=600,
+                          check=False)
+    assert proc.returncode == 0 and "1 written" in proc.stdout, proc.stderr
+    notices = TF_NOTICE.search(proc.stderr) is not None, "oneDNN custom operations are on" in proc.stderr
+    assert notices == (verbose, verbose), proc.stderr

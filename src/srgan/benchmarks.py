@@ -8,7 +8,7 @@ set, extracts its HR images safely (``download.safe_extract``) and writes::
     dest_root/<name>/lr/<stem>.png   ``images.downscale(hr, scale)``: the bicubic used for training
     dest_root/<name>/set.json        source archive and its digests, count, per-image sizes and digests
 
-which is the layout of an evaluation folder (``dataio.iter_pairs``). The LR images shipped in some
+which is the layout of an evaluation folder (``images.iter_pairs``). The LR images shipped in some
 archives are ignored on purpose: they were made with MATLAB ``imresize``; regenerating them with the
 project's one bicubic keeps evaluation and training on the same degradation. The folder is built in
 a temporary sibling and renamed into place (``download.replace_dir``); a second call whose outputs
@@ -533,10 +533,9 @@ def bicubic_psnr_y(set_dir: Path) -> float:
     The measured counterpart of ``PUBLISHED_BICUBIC_X4`` (those used MATLAB imresize both ways).
     """
     from . import metrics
-    from .dataio import iter_pairs
 
     values = []
-    for pair in iter_pairs(set_dir):
+    for pair in images.iter_pairs(set_dir):
         scale = pair.hr.shape[0] // pair.lr.shape[0]
         values.append(metrics.psnr_y(images.upscale_bicubic(pair.lr, scale), pair.hr, border=scale))
     return float(sum(values) / len(values))

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from . import config
+from . import config, quiet
 from .config import PARAMS_PATH, ROOT, Config, ConfigError
 from .errors import ExpectedError
 
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's codes for a death by that signal
 EXIT_TERMINATED = 128 + signal.SIGTERM
 RESUME_HINT = "the last checkpoint is kept; run the same command again to resume"
+PACKAGE_LOGGER = __package__  # "srgan": the parent of every module's logger
 
 
 class UserError(ExpectedError, RuntimeError):
@@ -42,17 +43,24 @@ def parser(doc: str | None, parents: list[argparse.ArgumentParser] | None = None
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  parents=parents or [])
     ap.add_argument("--params", default=str(PARAMS_PATH), help="params file (default: params.yaml)")
+    quiet.add_verbose_option(ap)
     return ap
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Log lines with a timestamp; keep TensorFlow's C++ chatter down."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Log lines with a timestamp; TensorFlow's C++ start-up chatter held back (:mod:`srgan.quiet`)
+    unless verbose (``verbose``, ``--verbose`` or ``SRGAN_VERBOSE=1``), which also shows the
+    project's debug lines. Call it before TensorFlow is imported."""
+    if verbose:
+        quiet.set_verbose()
+    quiet.quiet_native_startup()
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if quiet.verbose():  # the project's own debug lines, not every library's
+        logging.getLogger(PACKAGE_LOGGER).setLevel(logging.DEBUG)
     for noisy in ("alembic", "mlflow", "urllib3", "absl", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -153,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     import runpy
 
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: srgan <command> [options]   (srgan <command> --help for its options)\n\ncommands:\n" + \
-        "\n".join(f"  {name:<11} {doc}" for name, (_, doc) in COMMANDS.items())
+    if argv[:1] == [quiet.VERBOSE_FLAG]:  # `srgan --verbose <command>`: as the command's own
+        quiet.set_verbose()
+        argv = argv[1:]
+    usage = (f"usage: srgan [{quiet.VERBOSE_FLAG}] <command> [options]"
+             "   (srgan <command> --help for its options)\n\ncommands:\n"
+             + "\n".join(f"  {name:<11} {doc}" for name, (_, doc) in COMMANDS.items()))
     if not argv or argv[0] in ("-h", "--help"):
         print(usage)
         sys.exit(0 if argv else 2)

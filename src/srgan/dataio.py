@@ -1,4 +1,4 @@
-"""Files: atomic writes, JSON, hashing, manifests and validation pairs (no TensorFlow here).
+"""Files: atomic writes, JSON, CSV, hashing and the manifest (no TensorFlow here; images: ``images``).
 
 Every output of the project is written through :func:`atomic_write` (a temp file in the same
 folder, fsync, rename), so a kill at any moment leaves the previous file or the new one, never a
@@ -16,11 +16,8 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-
-import numpy as np
 
 CHUNK = 1 << 20  # bytes read at a time when hashing / copying
 MANIFEST_NAME = "manifest.json"  # data/processed/manifest.json, written last by preprocess
@@ -177,50 +174,3 @@ def read_manifest(processed_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """data/processed/manifest.json ({} when absent or damaged: then the data is incomplete)."""
     data = read_json(Path(processed_dir) / MANIFEST_NAME, {})
     return data if isinstance(data, dict) else {}
-
-
-@dataclass(frozen=True)
-class Pair:
-    """One evaluation image: its name and the aligned LR / HR uint8 arrays."""
-
-    name: str
-    lr: np.ndarray
-    hr: np.ndarray
-
-
-def pair_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """The HR files of an evaluation folder (``<folder>/hr/*.png`` with ``lr/`` beside), sorted."""
-    folder = Path(folder)
-    files = sorted((folder / "hr").glob("*.png"))
-    if not files:
-        raise FileNotFoundError(f"no validation images in {folder / 'hr'}: run the preprocess stage first")
-    return files
-
-
-def iter_pairs(folder: str | os.PathLike[str], limit: int = 0,
-               names: Sequence[str] | None = None) -> Iterator[Pair]:
-    """(name, lr, hr) of every image of an evaluation folder, one at a time (bounded memory).
-
-    ``folder`` holds ``hr/<name>.png`` and ``lr/<name>.png`` (data/processed/valid, a benchmark
-    set); ``limit`` > 0 takes the first ``limit`` by name, ``names`` only those images. HR must be
-    an integer multiple of LR.
-    """
-    from . import images
-
-    files = pair_files(folder)
-    if names is not None:
-        files = [f for f in files if f.stem in set(names)]
-    for hr_path in files[:limit] if limit > 0 else files:
-        lr_path = hr_path.parent.parent / "lr" / hr_path.name
-        if not lr_path.is_file():
-            raise FileNotFoundError(f"{lr_path} is missing for {hr_path}: re-run the preprocess stage")
-        hr, lr = images.load_rgb(hr_path), images.load_rgb(lr_path)
-        (hh, hw), (lh, lw) = hr.shape[:2], lr.shape[:2]
-        if hh % lh or hw % lw or hh // lh != hw // lw:
-            raise ValueError(f"{hr_path.name}: HR {hw}x{hh} is not an integer multiple of LR {lw}x{lh}")
-        yield Pair(hr_path.stem, lr, hr)
-
-
-def load_pairs(folder: str | os.PathLike[str], limit: int = 0) -> list[Pair]:
-    """All pairs of :func:`iter_pairs` in memory (for the few images validated during training)."""
-    return list(iter_pairs(folder, limit))

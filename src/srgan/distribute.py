@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cli import UserError
+from .errors import ExpectedError
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,11 @@ _MIRRORED: dict[tuple[str, ...], Any] = {}
 _MULTI_WORKER: dict[str, Any] = {}
 
 
-class ClusterError(UserError):
+class ClusterError(ExpectedError, RuntimeError):  # a RuntimeError, as when it was a cli.UserError
     """TF_CONFIG is missing or wrong, or the workers do not train the same thing."""
 
 
-class WorkerLostError(UserError):
+class WorkerLostError(ExpectedError, RuntimeError):
     """A peer worker died or stopped answering mid-run: this worker stops too (resumable)."""
 
     exit_at_once = True  # cli.run_main: no interpreter teardown over a broken collective runtime

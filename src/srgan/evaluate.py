@@ -17,7 +17,7 @@ import numpy as np
 
 from . import dataio, images, metrics, viz
 from .config import EvaluateConfig
-from .dataio import Pair
+from .images import Pair
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def evaluate_sets(methods: Mapping[str, Upscaler], sets: Mapping[str, Path], sco
     for set_name, folder in sets.items():
         per_method: dict[str, list[dict[str, float | None]]] = {m: [] for m in methods}
         hr_scores: list[dict[str, float | None]] = []
-        for i, p in enumerate(dataio.iter_pairs(folder)):
+        for i, p in enumerate(images.iter_pairs(folder)):
             outputs = {m: fn(p.lr, scale) for m, fn in methods.items()}
             row: dict[str, Any] = {"set": set_name, "name": p.name}
             for m, sr in outputs.items():

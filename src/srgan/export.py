@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from srgan import dataio, limits
+from srgan import dataio, limits, quiet
 from srgan.errors import ExpectedError
 
 log = logging.getLogger(__name__)
@@ -481,7 +481,8 @@ def _load_litert(path: Path) -> Loaded:
     def run(x: np.ndarray) -> np.ndarray:
         # Tensors are sized at conversion for a 1x1 input; resize to this batch before each run.
         interp.resize_tensor_input(inp["index"], list(x.shape), strict=True)
-        interp.allocate_tensors()
+        with quiet.native_stderr_held():  # the first allocation prints LiteRT's XNNPACK delegate notice
+            interp.allocate_tensors()
         interp.set_tensor(inp["index"], x)
         interp.invoke()
         return interp.get_tensor(outp["index"]).copy()

@@ -1,4 +1,4 @@
-"""Image I/O and the one bicubic used everywhere (numpy + Pillow only, no TensorFlow).
+"""Image I/O, evaluation pairs and the one bicubic used everywhere (numpy + Pillow only, no TensorFlow).
 
 ``load_rgb`` turns any file Pillow can decode into ``uint8`` HxWx3 RGB:
 
@@ -18,6 +18,10 @@ A file that cannot be decoded completely raises ``ImageError`` naming the file. 
 ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left False on purpose: a truncated file must fail, not be
 silently padded with grey.
 
+Evaluation pairs (``iter_pairs``, ``load_pairs``): a folder's ``hr/<name>.png`` with its
+``lr/<name>.png`` (data/processed/valid, a benchmark set), loaded through ``load_rgb``; HR must be
+an integer multiple of LR.
+
 Bicubic (see docs/ARCHITECTURE.md): Pillow's antialiased bicubic (a = -0.5, support widened by
 the scale factor when downscaling, the kernel MATLAB ``imresize`` uses), run per channel on
 float32 (mode ``F``) so nothing is rounded between the two separable passes, rounded once.
@@ -27,11 +31,15 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .dataio import atomic_write
 
 PathLike = str | os.PathLike[str]
 
@@ -224,9 +232,53 @@ def upscale_bicubic(lr: np.ndarray, scale: int) -> np.ndarray:
 def save_png(path: PathLike, arr: np.ndarray, replace: bool = True) -> None:
     """Write ``uint8`` HxWx3 (or HxW) as PNG atomically (temp file in the same folder + rename);
     ``replace=False``: FileExistsError, nothing written, if ``path`` exists by then."""
-    from .dataio import atomic_write
-
     path = Path(path)
     arr = _check_image(arr, f"save_png {path}")
     with atomic_write(path, "wb", replace=replace) as f:
         Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
+
+
+# --------------------------------------------------------------------------- evaluation pairs
+@dataclass(frozen=True)
+class Pair:
+    """One evaluation image: its name and the aligned LR / HR uint8 arrays."""
+
+    name: str
+    lr: np.ndarray
+    hr: np.ndarray
+
+
+def pair_files(folder: PathLike) -> list[Path]:
+    """The HR files of an evaluation folder (``<folder>/hr/*.png`` with ``lr/`` beside), sorted."""
+    folder = Path(folder)
+    files = sorted((folder / "hr").glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"no validation images in {folder / 'hr'}: run the preprocess stage first")
+    return files
+
+
+def iter_pairs(folder: PathLike, limit: int = 0,
+               names: Sequence[str] | None = None) -> Iterator[Pair]:
+    """(name, lr, hr) of every image of an evaluation folder, one at a time (bounded memory).
+
+    ``folder`` holds ``hr/<name>.png`` and ``lr/<name>.png`` (data/processed/valid, a benchmark
+    set); ``limit`` > 0 takes the first ``limit`` by name, ``names`` only those images. HR must be
+    an integer multiple of LR.
+    """
+    files = pair_files(folder)
+    if names is not None:
+        files = [f for f in files if f.stem in set(names)]
+    for hr_path in files[:limit] if limit > 0 else files:
+        lr_path = hr_path.parent.parent / "lr" / hr_path.name
+        if not lr_path.is_file():
+            raise FileNotFoundError(f"{lr_path} is missing for {hr_path}: re-run the preprocess stage")
+        hr, lr = load_rgb(hr_path), load_rgb(lr_path)
+        (hh, hw), (lh, lw) = hr.shape[:2], lr.shape[:2]
+        if hh % lh or hw % lw or hh // lh != hw // lw:
+            raise ValueError(f"{hr_path.name}: HR {hw}x{hh} is not an integer multiple of LR {lw}x{lh}")
+        yield Pair(hr_path.stem, lr, hr)
+
+
+def load_pairs(folder: PathLike, limit: int = 0) -> list[Pair]:
+    """All pairs of :func:`iter_pairs` in memory (for the few images validated during training)."""
+    return list(iter_pairs(folder, limit))

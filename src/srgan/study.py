@@ -483,7 +483,7 @@ def crops(rows: Sequence[Mapping[str, Any]], valid_dir: Path, srresnet: Path | N
     if srresnet is not None and srresnet.is_file():
         upscalers = {"SRResNet": evaluate.generator_upscaler(models.load_generator(srresnet), ev), **upscalers}
     paths = []
-    for pair in dataio.load_pairs(valid_dir, limit=n_images):
+    for pair in images.load_pairs(valid_dir, limit=n_images):
         r, c = viz.detail_box(pair.hr, size)
         z = min(size, pair.hr.shape[0], pair.hr.shape[1])
         outs = {name: fn(pair.lr, scale) for name, fn in upscalers.items()}

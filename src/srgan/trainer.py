@@ -24,9 +24,9 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from . import dataio
+from . import dataio, images
 from .config import JIT_DISTRIBUTED_WHY, Config, PhaseConfig
-from .dataio import Pair
+from .images import Pair
 from .state import TrainState
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class TrainData:
             raise FileNotFoundError(
                 f"{processed_dir / dataio.MANIFEST_NAME} is missing: run the preprocess stage first (dvc repro)"
             )
-        valid = dataio.load_pairs(processed_dir / "valid", limit=val_images)
+        valid = images.load_pairs(processed_dir / "valid", limit=val_images)
         return cls(processed_dir / "train", valid, manifest.get("digest"))
 
 

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .. import config
+from .. import config, quiet
 from ..config import ROOT, Config
 from ..dataio import read_manifest
 from . import quality, steps, torch_peer
@@ -228,6 +228,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--processed", type=Path, default=ROOT / "data/processed", help="processed data (else a "
                     "temporary set from the sample photos)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/bench.json", help="JSON report")
+    quiet.add_verbose_option(ap)
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     default = {"steps", "pipeline", "upscale", "torch"} | ({"quality"} if args.quality else set())

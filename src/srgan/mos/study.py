@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from srgan import dataio, viz
-from srgan.images import ImageError
+from srgan.images import ImageError, Pair, iter_pairs, pair_files  # `images` is a parameter here
 from srgan.images import upscale_bicubic as _project_bicubic
 
 # (lr uint8 HxWx3, scale) -> sr uint8 (H*scale)x(W*scale)x3
@@ -202,10 +202,10 @@ def model_method(spec: str, tile: int = 0, overlap: int = 16) -> ModelMethod:
     return ModelMethod(name, upscale, source=source, run_id=run_id)
 
 
-def _pairs(valid_dir: Path, stems: list[str]) -> Iterator[dataio.Pair]:
+def _pairs(valid_dir: Path, stems: list[str]) -> Iterator[Pair]:
     """The chosen validation pairs; a missing or broken file is a StudyError naming it."""
     try:
-        yield from dataio.iter_pairs(valid_dir, names=stems)
+        yield from iter_pairs(valid_dir, names=stems)
     except (ImageError, FileNotFoundError, ValueError) as exc:
         raise StudyError(str(exc)) from None
 
@@ -303,7 +303,7 @@ def prepare_study(
         raise StudyError("--crop and --images must be >= 0")
 
     try:
-        stems = [p.stem for p in dataio.pair_files(valid_dir)]
+        stems = [p.stem for p in pair_files(valid_dir)]
     except FileNotFoundError as exc:
         raise StudyError(str(exc)) from None
     if images and images < len(stems):
