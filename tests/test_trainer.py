@@ -351,3 +351,22 @@ def test_same_params_same_machine_give_the_same_model_bytes(processed_dir, mlflo
         assert out.returncode == 0, out.stderr[-3000:]
         models.append((root / "models" / "srresnet.keras").read_bytes())
     assert models[0] == models[1]
+def test_validation_in_mixed_precision_scores_the_float32_model(processed_dir):
+    """Validation during bf16 training runs the float32 copy the saved file loads as, so its
+    figures are the evaluate stage's (same images, tiles, arithmetic)."""
+    import keras
+
+    from srgan import evaluate, images, metrics, models
+    from srgan.trainer import Trainer, prepare_runtime
+
+    cfg = tiny_config(**{"train.precision": "mixed_bfloat16"})
+    rt = prepare_runtime(cfg, "pretrain")
+    tr = Trainer(cfg, "pretrain", rt)
+    assert tr.G.layers[2].compute_dtype == "bfloat16"
+    pairs = images.load_pairs(processed_dir / "valid", limit=1)
+    val, _ = tr.validate(pairs)
+    keras.mixed_precision.set_global_policy("float32")
+    copy = models.float32_copy(tr.G)
+    assert all(layer.compute_dtype == "float32" for layer in copy.layers if hasattr(layer, "compute_dtype"))
+    sr = evaluate.generator_upscaler(copy, cfg.evaluate)(pairs[0].lr, 4)
+    assert val["val_psnr_y"] == metrics.psnr_y(sr, pairs[0].hr, 4)

@@ -484,6 +484,18 @@ def _float32_policies(config_json: bytes) -> bytes:
     return json.dumps(walk(json.loads(config_json))).encode()
 
 
+def float32_copy(model: keras.Model) -> keras.Model:
+    """The same model computing in float32, as its saved ``.keras`` file loads (see
+    :func:`_float32_policies`): validation during mixed-precision training then scores what the
+    evaluate stage will."""
+    import json
+
+    config = json.dumps(keras.saving.serialize_keras_object(model)).encode()
+    clone = keras.saving.deserialize_keras_object(json.loads(_float32_policies(config)))
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def save_generator(model: keras.Model, path: str | Path) -> Path:
     """Save a generator as a ``.keras`` file atomically and byte-stably.
 

@@ -362,14 +362,16 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self, pairs: Sequence[Pair]) -> tuple[dict[str, float], np.ndarray | None]:
-        """Every registered image metric of the generator on ``pairs`` (the evaluate stage's scorer),
-        D's health on held-out patches of them (adversarial phase), and the first image's grid."""
-        from . import images, inference, metrics, viz
+        """Every registered image metric of the generator on ``pairs`` (the evaluate stage's scorer,
+        tiles and float32 arithmetic: with ``train.val_images: 0`` the figures are the evaluate
+        stage's), D's health on held-out patches of them (adversarial phase), and the first image's grid."""
+        from . import images, inference, metrics, models, viz
 
         ev = self.cfg.evaluate
+        generator = self.G if self.runtime.precision == "float32" else models.float32_copy(self.G)
         rows, outputs, grid = [], [], None
         for i, p in enumerate(pairs):
-            sr = inference.upscale(self.G, p.lr, self.scale, tile=ev.tile, overlap=ev.tile_overlap)
+            sr = inference.upscale(generator, p.lr, self.scale, tile=ev.tile, overlap=ev.tile_overlap)
             rows.append(self._scorer().score(sr, p))
             outputs.append(sr)
             if i == 0:
