@@ -66,6 +66,18 @@ def skimage_data_dir() -> Path:
     return Path(skimage.__file__).parent / "data"
 
 
+@pytest.fixture(autouse=True)
+def _environment_unchanged_by_each_test():
+    """A test that leaves SRGAN_VERBOSE set makes every later test's subprocesses verbose (their
+    one-line errors then come with debug lines): fail the test that leaked it, not a later one."""
+    before = os.environ.get("SRGAN_VERBOSE")
+    yield
+    leaked = os.environ.get("SRGAN_VERBOSE")
+    if leaked != before:
+        os.environ.pop("SRGAN_VERBOSE", None) if before is None else os.environ.update(SRGAN_VERBOSE=before)
+        pytest.fail(f"the test left SRGAN_VERBOSE={leaked!r} (was {before!r}); use monkeypatch.setenv")
+
+
 def make_raw(raw: Path, side: int = 96) -> Path:
     """data/raw-like folder: real photos (from the scikit-image wheel) cut to small sizes."""
     from PIL import Image

@@ -101,7 +101,9 @@ def test_native_output_is_held_python_output_is_not():
 def test_verbose_option_is_the_environment_variable(monkeypatch):
     from srgan import cli, quiet
 
-    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)  # and removed again afterwards
+    # setenv, not delenv: monkeypatch restores only what it recorded, and delenv of an unset
+    # variable records nothing, so the "1" set below would leak into every later test's subprocesses
+    monkeypatch.setenv(quiet.VERBOSE_ENV, "0")
     assert not quiet.verbose()
     cli.parser(None).parse_args([])
     assert not quiet.verbose()

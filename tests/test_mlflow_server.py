@@ -50,6 +50,7 @@ def test_training_logs_to_a_tracking_server(processed_dir, tmp_path, monkeypatch
     from PIL import Image
 
     from srgan.experiment import phase_params, run_training
+    from srgan.tracking.mlflow_model import MODEL_CONFIG_KEYS
     from srgan.trainer import TrainData
 
     server_root = tmp_path / "server"  # the server's working folder (its db and artifact store)
@@ -66,7 +67,8 @@ def test_training_logs_to_a_tracking_server(processed_dir, tmp_path, monkeypatch
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert run.data.params["adv.loss"] == cfg.adv.loss
-        assert len(run.data.params) == len(phase_params(cfg, "gan"))
+        # what the phase reads, plus the MLflow Model's config (MLflow logs it onto the source run)
+        assert set(run.data.params) == set(phase_params(cfg, "gan")) | set(MODEL_CONFIG_KEYS)
         assert run.data.tags["params.digest"] == cfg.digest()
         assert run.data.metrics["val_psnr_y"] == pytest.approx(result.val["val_psnr_y"])
         assert [m.step for m in client.get_metric_history(run_id, "g_mse")] == [2, 4]
@@ -86,8 +88,9 @@ def test_training_logs_to_a_tracking_server(processed_dir, tmp_path, monkeypatch
         assert grid.shape == (hr.shape[0], 4 * hr.shape[1] + 3 * 4, 3) and lr.shape[0] * 4 == hr.shape[0]
         assert "config/params.json" in {a.path for a in client.list_artifacts(run_id, "config")}
 
+        # the run's copy and the MLflow Model's data, both uploaded byte for byte
         stored = list((server_root / "mlartifacts").rglob("generator.keras"))
-        assert len(stored) == 1 and stored[0].read_bytes() == model_path.read_bytes()
+        assert len(stored) == 2 and all(p.read_bytes() == model_path.read_bytes() for p in stored)
         # uploaded through the server: clients need no access to the server's file system
         assert exp.artifact_location.startswith("mlflow-artifacts:"), exp.artifact_location
         assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri

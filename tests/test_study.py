@@ -163,7 +163,8 @@ def test_report_has_intervals_groups_control_dynamics_and_verdict(recorded, tmp_
             assert any(t.startswith("SRResNet") for t in body) and any(t.startswith("bicubic") for t in body)
             assert pg.locator("#dynamics").count() == 1 and "groups that cannot be told apart" in pg.content()
             widths = pg.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth)")
-            assert len(widths) >= 3 and all(w and w > 0 for w in widths), widths  # plots and crops decoded
+            alts = pg.evaluate("Array.from(document.images).map(i => i.alt)")
+            assert len(widths) >= 3 and all(w and w > 0 for w in widths), (widths, alts)  # plots and crops decoded
             pg.screenshot(path=str(tmp_path / "study.png"), full_page=True)
         finally:
             browser.close()

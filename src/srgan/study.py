@@ -434,9 +434,19 @@ def dynamics_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
 
 
 def scatter_png(rows: Sequence[Mapping[str, Any]], set_name: str, refs: Mapping[str, Mapping[str, float]],
-                x: str = "psnr_y", y: str = "niqe") -> bytes | None:
-    """The perception-distortion plane: every run, coloured by arm; the references as crosses."""
-    pts = [(r, r["metrics"].get(f"eval/{set_name}/{x}"), r["metrics"].get(f"eval/{set_name}/{y}")) for r in rows]
+                x: str = "psnr_y", y: str | None = None) -> bytes | None:
+    """The perception-distortion plane: every run, coloured by arm; the references as crosses.
+    ``y`` defaults to the first no-reference metric the runs have (NIQE, or the artifact score when
+    the study ran without a NIQE model)."""
+    def value(r: Mapping[str, Any], name: str) -> float | None:
+        return r["metrics"].get(f"eval/{set_name}/{name}")
+
+    if y is None:
+        y = next((m.name for m in metrics.image_metrics() if m.kind == metrics.NO_REFERENCE
+                  and any(value(r, m.name) is not None for r in rows)), None)
+        if y is None:
+            return None
+    pts = [(r, value(r, x), value(r, y)) for r in rows]
     pts = [(r, a, b) for r, a, b in pts if a is not None and b is not None]
     if not pts:
         return None

@@ -40,6 +40,8 @@ MODEL_REQUIREMENTS = ("mlflow", ("tensorflow-cpu", "tensorflow"), "keras", "nump
 
 
 MAX_PIXELS_PARAM = "max_pixels"  # the served model's size limit: model config key and request param
+# The model config (overridable at load time). MLflow also logs it as params of the source run.
+MODEL_CONFIG_KEYS = ("tile", "overlap", "scale", MAX_PIXELS_PARAM)
 SCORING_APP_MODULE = "mlflow.pyfunc.scoring_server.app"  # what `mlflow models serve` imports (uvicorn)
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # MLflow's request timeout; set by `models serve -t`
 MAX_ERROR_CHARS = 300  # an MLflow error message kept for the client (after the input echo is cut)
@@ -309,7 +311,7 @@ def log_generator_model(run_id: str, keras_path: Path, tile: int, overlap: int, 
     Run(run_id).check_artifact_location()  # the model's files would go beside the run's
     client = get_client()
     run = client.get_run(run_id)
-    config = {"tile": int(tile), "overlap": int(overlap), "scale": int(scale), MAX_PIXELS_PARAM: int(max_pixels)}
+    config = dict(zip(MODEL_CONFIG_KEYS, map(int, (tile, overlap, scale, max_pixels)), strict=True))
     # Created explicitly in the run's experiment: without an active run MLflow would file the
     # model under the default experiment (and its artifact location).
     logged = mlflow.initialize_logged_model(name=MODEL_ARTIFACT, source_run_id=run_id,
