@@ -27,7 +27,8 @@ TINY = {
     "pretrain": {"steps": 6},
     "gan": {"steps": 4},
     "evaluate": {"tile": 16, "tile_overlap": 4, "zoom": 16},
-    "tune": {"gan_steps": 4, "report_every": 2},
+    "tune": {"gan_steps": 4, "report_every": 2, "objectives": ["psnr_y"], "w_mse": [0.01, 10.0],
+             "w_vgg": [0.0001, 1.0], "d_lr": []},
 }
 
 

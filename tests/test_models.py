@@ -12,6 +12,7 @@ from srgan.config import ConfigError, DiscriminatorConfig, EdsrConfig, Generator
 from srgan.models import (
     BICUBIC_RADIUS,
     BicubicUpsample,
+    FixedUpsample,
     PixelShuffle,
     bicubic_phase_taps,
     build_discriminator,
@@ -139,7 +140,7 @@ def test_generator_keras_round_trip(tmp_path, batch_norm):
 
 
 def test_custom_layers_serialise():
-    for layer in (PixelShuffle(3, name="ps"), BicubicUpsample(2, name="bi")):
+    for layer in (PixelShuffle(3, name="ps"), BicubicUpsample(2, name="bi"), FixedUpsample(4, "bilinear", name="bl")):
         clone = type(layer).from_config(layer.get_config())
         assert clone.get_config() == layer.get_config()
         assert keras.saving.get_registered_name(type(layer)).startswith("srgan>")
@@ -363,6 +364,18 @@ def test_conv_bicubic_equals_tf_resize(scale, h, w):
     expected = tf.image.resize(x, (h * scale, w * scale), method="bicubic", antialias=False)
     assert tuple(out.shape) == tuple(expected.shape)
     np.testing.assert_allclose(out, expected, rtol=0, atol=BICUBIC_TOL)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("h, w", [(1, 1), (2, 3), (7, 9), (33, 17)])
+def test_fixed_bilinear_equals_tf_resize(scale, h, w):
+    """The resize upsampler's bilinear step: TF's bilinear resize, border clamp included."""
+    x = _lr(2, h, w, seed=h * w + scale)
+    out = FixedUpsample(scale, "bilinear")(x)
+    expected = tf.image.resize(x, (h * scale, w * scale), method="bilinear", antialias=False)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=BICUBIC_TOL)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        FixedUpsample(scale, "lanczos")
 
 
 def test_conv_bicubic_compiles_with_xla():

@@ -98,12 +98,31 @@ def bicubic_phase_taps(scale: int) -> np.ndarray:
     return taps
 
 
-@keras.saving.register_keras_serializable(package="srgan")
-class BicubicUpsample(layers.Layer):
-    """Bicubic upscale by an integer factor: ``tf.image.resize(x, "bicubic", antialias=False)``
-    (Keys kernel a = -0.5, half-pixel centres) as a fixed separable convolution.
+def bilinear_phase_taps(scale: int) -> np.ndarray:
+    """(BICUBIC_WINDOW, scale) float64: the 1-D bilinear filter of each output phase, as
+    ``tf.image.resize(x, "bilinear")`` upsamples (half-pixel centres): 2 taps per phase. At the
+    border, renormalising over the in-image tap gives it weight 1, which is TF's coordinate clamp."""
+    taps = np.zeros((BICUBIC_WINDOW, scale))
+    centre = BICUBIC_WINDOW // 2
+    for j in range(scale):
+        coord = (j + 0.5) / scale - 0.5
+        base = int(np.floor(coord))
+        delta = coord - base
+        taps[centre + base, j] += 1.0 - delta
+        taps[centre + base + 1, j] += delta
+    return taps
 
-    Each output phase is a fixed 4-tap filter per axis: the columns pass computes the ``scale``
+
+PHASE_TAPS = {"bicubic": bicubic_phase_taps, "bilinear": bilinear_phase_taps}  # FixedUpsample kernels
+
+
+@keras.saving.register_keras_serializable(package="srgan")
+class FixedUpsample(layers.Layer):
+    """Upscale by an integer factor as ``tf.image.resize(x, kernel, antialias=False)`` does
+    (half-pixel centres; ``kernel`` bicubic: Keys a = -0.5, or bilinear), as a fixed separable
+    convolution.
+
+    Each output phase is a fixed filter (4 taps bicubic, 2 bilinear) per axis: the columns pass computes the ``scale``
     phases as weighted sums of shifted (zero-padded) slices and interleaves them (stack +
     reshape, i.e. depth-to-space along one axis), then the rows pass does the same. Like TF
     (and PIL), taps that fall outside the image get no weight and the rest are renormalised: the
@@ -116,12 +135,14 @@ class BicubicUpsample(layers.Layer):
     (float32 coordinates, size-dependent at x3) tiles reproduce the whole image's output.
     """
 
-    def __init__(self, scale: int, **kwargs: Any) -> None:
+    def __init__(self, scale: int, kernel: str = "bicubic", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if int(scale) < 1:
-            raise ValueError(f"BicubicUpsample: scale must be >= 1, got {scale}")
-        self.scale = int(scale)
-        taps = bicubic_phase_taps(self.scale)
+            raise ValueError(f"{type(self).__name__}: scale must be >= 1, got {scale}")
+        if kernel not in PHASE_TAPS:
+            raise ValueError(f"{type(self).__name__}: kernel must be one of {sorted(PHASE_TAPS)}, got {kernel!r}")
+        self.scale, self.kernel = int(scale), kernel
+        taps = PHASE_TAPS[kernel](self.scale)
         # per phase: (window offset, weight) of its nonzero taps, as Python floats (graph constants)
         self._phases = [
             [(k, float(taps[k, j])) for k in range(BICUBIC_WINDOW) if taps[k, j] != 0.0]
@@ -170,7 +191,17 @@ class BicubicUpsample(layers.Layer):
         return (b, None if h is None else h * s, None if w is None else w * s, c)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "scale": self.scale}
+        return {**super().get_config(), "scale": self.scale, "kernel": self.kernel}
+
+
+@keras.saving.register_keras_serializable(package="srgan")
+class BicubicUpsample(FixedUpsample):
+    """The bicubic skip: :class:`FixedUpsample` with the bicubic kernel, under the class name that
+    saved generators refer to."""
+
+    def __init__(self, scale: int, **kwargs: Any) -> None:
+        kwargs.pop("kernel", None)  # always bicubic; older configs have no key
+        super().__init__(scale, "bicubic", **kwargs)
 
 
 def _conv(filters: int, kernel: int, name: str, *, strides: int = 1, use_bias: bool = True, **kw: Any):
@@ -324,8 +355,10 @@ def build_generator(cfg: GeneratorConfig, scale: int) -> keras.Model:
         # flat region gives a flat output: no scale-periodic checkerboard, which the pixel shuffle's
         # scale^2 independent kernels develop under the adversarial loss (metrics.subpixel_artifact).
         # Bilinear, not nearest: nearest makes the inner sub-pixels of each LR pixel see the same
-        # single feature (measured: SRResNet -0.25 dB PSNR-Y vs `light`; bilinear -0.07).
-        x = layers.UpSampling2D(scale, interpolation="bilinear", name="output_upsample")(x)
+        # single feature (measured: SRResNet -0.25 dB PSNR-Y vs `light`; bilinear -0.07). A fixed
+        # filter, not UpSampling2D (an image resize): exportable at any input size, and tiles
+        # reproduce the whole image's output.
+        x = FixedUpsample(scale, "bilinear", name="output_upsample")(x)
         out = _conv(3, 3, "output_conv", dtype="float32", kernel_initializer=init)(x)
     else:
         out = _paper_upsampler(x, cfg, scale, init)
