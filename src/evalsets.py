@@ -33,7 +33,8 @@ def main(cfg: Config, args) -> None:
         model = niqe.load_model("matlab", cache_dir=downloads, download=True)  # verified download
         dst = out / NIQE_DIR / niqe.MATLAB_ARCHIVE.name
         if not dst.is_file() or dataio.sha256_file(dst) != niqe.MATLAB_ARCHIVE.sha256:
-            dataio.write_bytes_atomic(dst, (downloads / niqe.MATLAB_ARCHIVE.name).read_bytes())
+            # from wherever the verified model was found: the installed wheel or the download cache
+            dataio.write_bytes_atomic(dst, model.source.read_bytes())
         print(f"NIQE: {model.label}")
     dataio.write_json_atomic(out / SETS_JSON, {"sets": sorted(fetched), "scale": cfg.preprocess.scale,
                                                "niqe": cfg.evaluate.niqe})

