@@ -212,7 +212,7 @@ def _tiny(arch: str, **kw) -> GeneratorConfig:
 @pytest.mark.parametrize("upsampler", ["light", "resize", "paper"])
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_every_arch_shapes_and_untrained_is_bicubic(arch, upsampler, scale):
-    g = build_generator(_tiny(arch, upsampler=upsampler, bicubic_skip=True), scale)
+    g = build_generator(_tiny(arch, upsampler=upsampler, bicubic_skip=True, resize_filters=2), scale)
     for h, w in [(5, 6), (3, 4)]:  # any LR size, same model
         x = _lr(2, h, w)
         out = g(x)
@@ -319,10 +319,14 @@ def _measured_radius(g: keras.Model, scale: int, bound: int) -> int:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("upsampler", ["light", "resize", "paper"])
+@pytest.mark.parametrize("upsampler", ["light", "resize", "resize_narrow", "paper"])
 @pytest.mark.parametrize("scale", [2, 3, 4])
 def test_receptive_radius_is_exact(arch, upsampler, scale):
-    cfg = _tiny(arch, upsampler=upsampler)
+    narrow = {"upsampler": "resize", "resize_filters": 2} if upsampler == "resize_narrow" else {"upsampler": upsampler}
+    cfg = _tiny(arch, **narrow)
+    if upsampler == "resize_narrow":
+        assert cfg.resize_filters < cfg.filters  # the narrowing conv is built
+        assert "output_narrow" in {layer.name for layer in build_generator(cfg, scale).layers}
     g = build_generator(cfg, scale)
     _perturb(g)
     radius = receptive_radius(cfg, scale)

@@ -143,6 +143,7 @@ class GeneratorConfig(Section):
     batch_norm: bool
     bicubic_skip: bool
     upsampler: Literal["paper", "light", "resize"]
+    resize_filters: NonNegInt
     edsr: EdsrConfig
     rrdb: RrdbConfig
 

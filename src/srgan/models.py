@@ -357,7 +357,12 @@ def build_generator(cfg: GeneratorConfig, scale: int) -> keras.Model:
         # Bilinear, not nearest: nearest makes the inner sub-pixels of each LR pixel see the same
         # single feature (measured: SRResNet -0.25 dB PSNR-Y vs `light`; bilinear -0.07). A fixed
         # filter, not UpSampling2D (an image resize): exportable at any input size, and tiles
-        # reproduce the whole image's output.
+        # reproduce the whole image's output. The features are narrowed first (resize_filters):
+        # their bilinear upscale and the HR conv dominate the cost (48 features: 0.58x light's
+        # training steps/s; 12: 0.80x, docs/MEASUREMENTS.md).
+        if 0 < cfg.resize_filters < cfg.filters:
+            x = _conv(cfg.resize_filters, 3, "output_narrow")(x)
+            x = _prelu("output_narrow_prelu")(x)
         x = FixedUpsample(scale, "bilinear", name="output_upsample")(x)
         out = _conv(3, 3, "output_conv", dtype="float32", kernel_initializer=init)(x)
     else:
@@ -410,6 +415,8 @@ def receptive_radius(cfg: GeneratorConfig, scale: int) -> int:
         # light: a 3x3 conv at LR; resize: a 3x3 conv at HR after a bilinear xscale, which reaches
         # 1 LR px as well (the HR neighbours' bilinear taps stay within the LR pixel's neighbours)
         lr_radius += RADIUS_3X3
+        if cfg.upsampler == "resize" and 0 < cfg.resize_filters < cfg.filters:
+            lr_radius += RADIUS_3X3  # the narrowing conv at LR
     elif cfg.arch == "rrdb":
         hr = [RADIUS_3X3] * len(steps)  # nearest stage, then its conv
         hr[-1] += 2 * RADIUS_3X3  # HR conv + output conv
