@@ -354,6 +354,13 @@ class Trainer:
                 "re-run the pretrain stage (dvc repro pretrain)")
         self.G.set_weights(theirs)
 
+    def current_lr(self) -> float:
+        """G's learning rate now. A constant rate is a variable, mirrored under a replicated
+        strategy (``float`` of a MirroredVariable fails); a schedule gives a tensor."""
+        import keras
+
+        return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+
     def export_generator(self, path: Path) -> Path:
         """Save the generator as a .keras file atomically."""
         from . import models
@@ -542,7 +549,7 @@ def train(
             tick, tick_step = now, done
             mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
             window = []
-            mean.update({"lr": float(trainer.optimizer.learning_rate), "steps_per_s": rate})
+            mean.update({"lr": trainer.current_lr(), "steps_per_s": rate})
             eta = (total - done) / max(rate, 1e-9)
             log.info("%s step %d/%d %s | %.2f steps/s | ETA %s", phase, done, total,
                      " ".join(f"{k}={v:.4g}" for k, v in mean.items() if k.startswith(("g_", "d_"))),
