@@ -14,7 +14,7 @@ from srgan.config import Config
 
 
 def main(cfg: Config, args) -> None:
-    from srgan import dataio, evaluate, models, report, tracking
+    from srgan import dataio, evaluate, metrics, models, report, tracking
     from srgan.dataio import SUMMARY_NAME
 
     ev = cfg.evaluate
@@ -23,8 +23,12 @@ def main(cfg: Config, args) -> None:
     reports = args.reports
     generators = {"srresnet": args.srresnet, "srgan": args.model}
     sets = {s: args.processed / "valid" if s == "valid" else args.benchmarks / s for s in cfg.evaluate.sets}
+    # the discriminator's health at the end of the adversarial phase (measured on the validation images)
+    trained = dataio.read_json(reports / "train" / SUMMARY_NAME, {})
+    d_health = {m.name: trained[f"val_{m.name}"] for m in metrics.REGISTRY.values()
+                if m.kind == metrics.DISCRIMINATOR and trained.get(f"val_{m.name}") is not None}
     summary = evaluate.evaluate(cfg.evaluate, cfg.preprocess.scale, generators, sets, reports,
-                                niqe_dir=args.benchmarks / "niqe")
+                                niqe_dir=args.benchmarks / "niqe", trained_on_valid={"srgan": d_health})
     page = report.build(reports, cfg.flat())
     for method, stage in (("srresnet", "pretrain"), ("srgan", "train")):
         run_id = dataio.read_json(reports / stage / SUMMARY_NAME, {}).get("run_id")

@@ -52,7 +52,9 @@ def test_dvc_repro_end_to_end_and_only_affected_stages_rerun(project_copy, tmp_p
     assert ran_stages(log) == {"fetch", "preprocess", "evalsets", "pretrain", "train", "evaluate"}, log
     metrics = json.loads((project_copy / "reports" / "metrics.json").read_text())
     assert {"bicubic", "srresnet", "srgan"} <= set(metrics["valid"])
-    assert {"psnr_y", "ssim_y", "psnr_y_gain"} <= set(metrics["valid"]["srgan"])
+    assert {"psnr_y", "ssim_y", "psnr_y_gain", "artifact"} <= set(metrics["valid"]["srgan"])
+    assert {"d_acc", "d_auc", "d_gap"} <= set(metrics["valid"]["srgan"])  # the train stage's D health
+    assert "d_acc" not in metrics["valid"]["srresnet"] and "artifact" in metrics["valid"]["hr"]
     assert (project_copy / "reports" / "index.html").stat().st_size > 10_000
     assert (project_copy / "models" / "generator.keras").exists()
     assert (project_copy / "models" / "srresnet.keras").exists()

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 BASELINE = "bicubic"
 REFERENCE = "hr"  # the HR images' own no-reference scores (NIQE, artifact level)
+VALID_SET = "valid"  # the validation set: the images training validates on
 ENSEMBLE_SUFFIX = "_x8"  # a generator scored with the 8-way self-ensemble
 COMPARISONS_PER_SET = 6  # comparison images written per evaluation set (keeps reports light)
 
@@ -94,11 +95,14 @@ def evaluate_sets(methods: Mapping[str, Upscaler], sets: Mapping[str, Path], sco
 
 
 def evaluate(ev: EvaluateConfig, scale: int, generators: Mapping[str, Path], sets: Mapping[str, Path],
-             reports_dir: Path, niqe_dir: Path | None = None) -> dict[str, Any]:
+             reports_dir: Path, niqe_dir: Path | None = None,
+             trained_on_valid: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, Any]:
     """The evaluate stage: bicubic and each generator file (name -> .keras) on every set.
 
     Writes reports/metrics.json, reports/per_image.csv and reports/eval/; returns the summary.
     ``niqe_dir``: where the evaluation-sets stage put NIQE's MATLAB model (``evaluate.niqe: matlab``).
+    ``trained_on_valid``: per generator, figures its training measured on the validation set (the
+    discriminator's health), added to that generator's ``valid`` entry.
     """
     from . import models
 
@@ -113,6 +117,9 @@ def evaluate(ev: EvaluateConfig, scale: int, generators: Mapping[str, Path], set
     reports_dir = Path(reports_dir)
     scorer = metrics.Scorer.from_config(ev, scale, niqe_dir)
     summary, rows = evaluate_sets(methods, sets, scorer, reports_dir / "eval", ev.zoom, shown)
+    for name, values in (trained_on_valid or {}).items():
+        if VALID_SET in summary and name in summary[VALID_SET]:
+            summary[VALID_SET][name].update(values)
     dataio.write_csv_atomic(reports_dir / "per_image.csv", rows, float_format=".6f")
     dataio.write_json_atomic(reports_dir / "metrics.json", summary)
     return summary
