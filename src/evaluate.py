@@ -10,7 +10,7 @@ each generator's numbers (``eval/<set>/<metric>``) to its MLflow run.
 import logging
 
 from srgan import cli
-from srgan.config import Config
+from srgan.config import NO_ADVERSARIAL, Config
 
 
 def main(cfg: Config, args) -> None:
@@ -35,7 +35,10 @@ def main(cfg: Config, args) -> None:
         if run_id:
             tracking.log_to_run(run_id, evaluate.run_metrics(summary, method),
                                 [reports / "metrics.json", reports / "per_image.csv", page], "eval")
-        if run_id and method == "srgan":
+        if run_id and method == "srgan" and cfg.adv.loss == NO_ADVERSARIAL:
+            # the control arm is no SRGAN: by PSNR-Y alone it would win `champion` from every one
+            print(f"not registered: adv.loss {NO_ADVERSARIAL} (the control arm) trains no adversarial generator")
+        elif run_id and method == "srgan":
             # the registry holds every evaluated SRGAN; `champion` is the best by validation PSNR-Y
             version = tracking.register_model(run_id, tracking.DEFAULT_MODEL_NAME)
             champion = tracking.promote(cfg.tracking.experiment, "eval/valid/psnr_y", tracking.DEFAULT_MODEL_NAME)
