@@ -186,10 +186,10 @@ def test_apply_best_params_keeps_comments(tmp_path):
 
     p = tmp_path / "params.yaml"
     p.write_text(config.PARAMS_PATH.read_text())
-    changed = tune.apply_to_params({"loss.w_adv": 0.0005, "adv.loss": "hinge"}, p)
-    assert changed == ["loss.w_adv: 0.001 -> 0.0005", "adv.loss: 'modified' -> 'hinge'"]
+    changed = tune.apply_to_params({"loss.w_adv": 0.002, "adv.loss": "hinge"}, p)
+    assert changed == ["loss.w_adv: 0.0005 -> 0.002", "adv.loss: 'modified' -> 'hinge'"]
     cfg = config.load(p)
-    assert cfg.loss.w_adv == 0.0005 and cfg.adv.loss == "hinge"
+    assert cfg.loss.w_adv == 0.002 and cfg.adv.loss == "hinge"
     text = p.read_text()
     assert "# Per-Pix weight of the adversarial loss" in text and text.count("\n") == \
         config.PARAMS_PATH.read_text().count("\n")
