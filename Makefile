@@ -39,11 +39,14 @@ sysdeps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium postgresql >/dev/null; \
 	else echo "note: chromium/postgresql missing and not root: browser and PostgreSQL tests will be skipped"; fi
 
+# Test files run in parallel, one worker per core (pytest-xdist; a file's tests stay on one worker,
+# so its shared fixtures are built once); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= auto
 test: setup sysdeps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow"
 
 bench: setup
 	$(BIN)/python src/bench.py $(if $(wildcard $(TORCH_VENV)/bin/python),--torch-python $(TORCH_VENV)/bin/python)

@@ -128,20 +128,73 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     return uri
 
 
-@pytest.fixture
-def project_copy(tmp_path) -> Path:
-    """A git clone-like copy of the repository (tracked files only) for DVC end-to-end tests."""
+def project_files(dst: Path) -> Path:
+    """Copy the repository's files that git would carry (tracked or not ignored) to ``dst``."""
     import subprocess
 
     root = config.ROOT
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root, capture_output=True,
                            text=True, check=True).stdout.split()
-    dst = tmp_path / "project"
     for f in files:
         src = root / f
         if src.is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / f)
+    return dst
+
+
+# A fresh clone's state: no pipeline outputs, lock file or stores from the working tree (data/own/
+# stays: its README placeholders are in git and are the folder source's DVC deps)
+CLONE_ABSENT = ("models", "reports", "dvc.lock", "mlflow.db", "mlartifacts", "optuna")
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+                "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com"}
+
+
+def dvc_env(tmp_path: Path) -> dict[str, str]:
+    """The environment DVC runs the project in: the venv's ``python``/``dvc`` first (dvc.yaml says
+    ``python``), a git identity, and no store override, so runs land in the project's own mlflow.db."""
+    import sys
+
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, **GIT_IDENTITY, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+           "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache")}
+    for name in ("MLFLOW_TRACKING_URI", "DVC_ROOT"):
+        env.pop(name, None)
+    return env
+
+
+def run_ok(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> str:
+    """Run a command; fail the test with its output if it fails; return stdout + stderr."""
+    import subprocess
+
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed in {cwd}:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> tuple[Path, str]:
+    """A fresh-clone-like git copy of the project on a tiny params.yaml after one real ``dvc repro``
+    (its own mlflow.db): (folder, the repro's log). Shared: tests work on copies (``reproduced_copy``)."""
+    import yaml
+
+    proj = project_files(tmp_path_factory.mktemp("reproduced") / "project")
+    for p in [proj / name for name in CLONE_ABSENT] + [p for p in (proj / "data").iterdir() if p.name != "own"]:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    # the sample photos are large: a few 64-px crops, 64-px validation images
+    cfg = tiny_config(**{"data.source": "sample", "preprocess.hr_crop": 64, "preprocess.valid_max_side": 64})
+    (proj / "params.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    env = dvc_env(proj.parent)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        run_ok(cmd, proj, env)
+    return proj, run_ok(["dvc", "repro"], proj, env)
+
+
+@pytest.fixture
+def reproduced_copy(reproduced, tmp_path) -> Path:
+    """This test's own copy of the reproduced project (git, DVC cache and store included)."""
+    dst = tmp_path / "project"
+    shutil.copytree(reproduced[0], dst, symlinks=True)
     return dst
 
 

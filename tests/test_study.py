@@ -265,3 +265,13 @@ def test_equal_tuning_effort_per_objective(processed_dir, pretrained, mlflow_uri
     assert study.rows_of("srgan", parent.run_id) == []  # tuning trials are not the study's runs
     with pytest.raises(study.StudyError, match=r"a range in tune.d_lr to search \(it is \[\]\)"):
         study.tuning_config(_cfg(**{"tune.d_lr": []}), "hinge")
+
+
+def test_experiments_at_once_share_the_cores_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    cores = os.cpu_count() or 1
+    assert study.threads_env(cores)["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert study.threads_env(1)["TF_NUM_INTRAOP_THREADS"] == str(cores)
+    assert study.threads_env(10 * cores)["TF_NUM_INTRAOP_THREADS"] == "1"  # never 0 (= TF's default: all)
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")
+    assert study.threads_env(cores)["TF_NUM_INTRAOP_THREADS"] == "3"
