@@ -25,8 +25,8 @@ def main(cfg: Config, args) -> None:
     sets = {s: args.processed / "valid" if s == "valid" else args.benchmarks / s for s in cfg.evaluate.sets}
     # the discriminator's health at the end of the adversarial phase (measured on the validation images)
     trained = dataio.read_json(reports / "train" / SUMMARY_NAME, {})
-    d_health = {m.name: trained[f"val_{m.name}"] for m in metrics.REGISTRY.values()
-                if m.kind == metrics.DISCRIMINATOR and trained.get(f"val_{m.name}") is not None}
+    d_health = {m.name: trained[metrics.val_key(m.name)] for m in metrics.REGISTRY.values()
+                if m.kind == metrics.DISCRIMINATOR and trained.get(metrics.val_key(m.name)) is not None}
     summary = evaluate.evaluate(cfg.evaluate, cfg.preprocess.scale, generators, sets, reports,
                                 niqe_dir=args.benchmarks / "niqe", trained_on_valid={"srgan": d_health})
     page = report.build(reports, cfg.flat())

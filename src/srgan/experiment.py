@@ -17,6 +17,7 @@ import numpy as np
 from . import dataio, distribute, tracking
 from .config import Config
 from .dataio import HISTORY_NAME, SUMMARY_NAME
+from .metrics import val_key
 from .state import TrainState, training_digest
 from .trainer import (PHASE_PARAMS, Callback, Phase, Runtime, TrainData, TrainResult, d_health_warning, prepare_runtime,
                       train)
@@ -50,7 +51,7 @@ class MlflowCallback(Callback):
         self.run.log_metrics(logs, step=step)
 
     def on_validation(self, step: int, metrics: dict[str, float], grid: np.ndarray | None) -> None:
-        gain = {"val_psnr_y_gain": metrics["val_psnr_y"] - self.baseline["bicubic_psnr_y"]}
+        gain = {val_key("psnr_y_gain"): metrics[val_key("psnr_y")] - self.baseline["bicubic_psnr_y"]}
         self.run.log_metrics({**metrics, **gain}, step=step)
         if grid is not None:
             self.run.log_image(grid, f"validation/step_{step:07d}.png")

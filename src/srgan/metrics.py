@@ -285,9 +285,17 @@ def register(metric: Metric) -> Metric:
     return metric
 
 
+VALIDATION_PREFIX = "val_"  # a metric's key in training-time validation (history.csv, MLflow, summary.json)
+
+
+def val_key(name: str) -> str:
+    """The key under which training-time validation logs metric ``name`` (``niqe`` -> ``val_niqe``)."""
+    return VALIDATION_PREFIX + name
+
+
 def get(key: str) -> Metric:
     """The metric of a name or of a logged key ending in it (``eval/valid/niqe``, ``val_niqe``)."""
-    name = key.rsplit("/", 1)[-1].removeprefix("val_")
+    name = key.rsplit("/", 1)[-1].removeprefix(VALIDATION_PREFIX)
     if name not in REGISTRY:
         raise KeyError(f"unknown metric {key!r}; registered: {', '.join(REGISTRY)}")
     return REGISTRY[name]

@@ -75,7 +75,7 @@ def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes 
         return [p[0] for p in pts], [p[1] for p in pts]
 
     keys = [k for k in ("g_mse", "g_l1", "g_vgg", "g_adv", "d_loss") if k in rows[0]]
-    health = [k for k in ("val_d_acc", "val_d_auc") if series(k)[1]]
+    health = [k for k in map(metric_registry.val_key, ("d_acc", "d_auc")) if series(k)[1]]
     fig, axes = plt.subplots(1, 3 if health else 2, figsize=(16 if health else 11, 3.6))
     for k in keys:
         x, y = series(k)
@@ -85,8 +85,9 @@ def curves_png(history_csv: Path, bicubic_psnr_y: float | None = None) -> bytes 
     axes[0].set_xlabel("step")
     axes[0].set_title("losses")
     axes[0].legend()
-    if "val_psnr_y" in rows[0] or any(r.get("val_psnr_y") for r in rows):
-        x, y = series("val_psnr_y")
+    psnr_key = metric_registry.val_key("psnr_y")
+    if psnr_key in rows[0] or any(r.get(psnr_key) for r in rows):
+        x, y = series(psnr_key)
         axes[1].plot(x, y, "o-", label="generator")
     if bicubic_psnr_y is not None:
         axes[1].axhline(bicubic_psnr_y, color="k", ls="--", lw=1, label="bicubic")

@@ -41,8 +41,10 @@ PER_IMAGE_ARTIFACT = "eval/per_image.csv"  # what the evaluate stage logs to eve
 GAN_METHOD, SRRESNET, BICUBIC, HR = "srgan", "srresnet", "bicubic", "hr"
 KIND = "study"  # the parent run's `kind` tag
 # Curves of every arm in the report (MLflow keys the training phase logs), and their labels.
-DYNAMICS = {"val_d_acc": "D accuracy (held-out)", "val_d_auc": "D AUC (held-out)", "d_loss": "D loss",
-            "g_adv": "G adversarial loss", "val_niqe": "validation NIQE", "val_psnr_y": "validation PSNR-Y (dB)"}
+D_HEALTH_CURVES = (metrics.val_key("d_acc"), metrics.val_key("d_auc"))
+DYNAMICS = {D_HEALTH_CURVES[0]: "D accuracy (held-out)", D_HEALTH_CURVES[1]: "D AUC (held-out)", "d_loss": "D loss",
+            "g_adv": "G adversarial loss", metrics.val_key("niqe"): "validation NIQE",
+            metrics.val_key("psnr_y"): "validation PSNR-Y (dB)"}
 STOP_SEPARATED = "its interval no longer overlaps a neighbour's"
 STOP_MAX_SEEDS = "reached study.max_seeds"
 STOP_BUDGET = "the time budget (study.budget_minutes) would be exceeded by another round"
@@ -427,11 +429,11 @@ def dynamics_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
             if not steps:
                 continue
             vals = np.array([[dict(h)[s] for s in steps] for h in runs])
-            ax.plot(steps, vals.mean(axis=0), "o-" if key.startswith("val_") else "-", ms=3, color=colors[arm],
+            ax.plot(steps, vals.mean(axis=0), "o-" if key.startswith(metrics.VALIDATION_PREFIX) else "-", ms=3, color=colors[arm],
                     label=f"{arm} ({len(runs)})")
             if len(runs) > 1:
                 ax.fill_between(steps, vals.min(axis=0), vals.max(axis=0), color=colors[arm], alpha=0.15)
-        if key in ("val_d_acc", "val_d_auc"):
+        if key in D_HEALTH_CURVES:
             ax.axhline(0.5, color="k", ls=":", lw=1)
             ax.axhline(metrics.D_SEPARATES, color="g", ls="--", lw=1)
         ax.set_title(DYNAMICS[key])

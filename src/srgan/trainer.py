@@ -386,7 +386,7 @@ class Trainer:
         val = metrics.mean_scores(rows)
         if self.D is not None:
             val.update(self.d_health(pairs, outputs))
-        return {f"val_{k}": v for k, v in val.items()}, grid
+        return {metrics.val_key(k): v for k, v in val.items()}, grid
 
     def d_health(self, pairs: Sequence[Pair], outputs: Sequence[np.ndarray]) -> dict[str, float]:
         """D on real HR patches of held-out images and on the generator's 8-bit output at the same
@@ -576,9 +576,9 @@ def train(
 
 def d_health_warning(val: dict[str, float]) -> str | None:
     """What to say when the adversarial phase ended with a D that cannot tell real from fake."""
-    from .metrics import D_SEPARATES
+    from .metrics import D_SEPARATES, val_key
 
-    acc = val.get("val_d_acc")
+    acc = val.get(val_key("d_acc"))
     if acc is None or acc >= D_SEPARATES:
         return None
     return (f"the discriminator ended at held-out accuracy {acc:.2f} (< {D_SEPARATES}; 0.5 is chance): it barely "

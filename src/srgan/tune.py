@@ -27,7 +27,7 @@ DEFAULT_STORAGE = ROOT / "optuna" / "journal.log"
 
 def objective_key(name: str) -> str:
     """The validation metric a tuning objective reads (a registered metric, as training logs it)."""
-    return f"val_{metrics.get(name).name}"
+    return metrics.val_key(metrics.get(name).name)
 
 
 def check_objectives(cfg: Config) -> None:
@@ -206,11 +206,11 @@ def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srre
         trial.set_user_attr("mlflow_run_id", run_id)
         # whether D learned in this trial's budget (trials.csv, the report): a trial whose D stayed
         # at chance tuned weights of an adversarial term that taught nothing
-        for key in ("val_d_acc", "val_d_auc"):
-            if key in result.val:
-                trial.set_user_attr(key.removeprefix("val_"), round(result.val[key], 4))
-        if "val_d_acc" in result.val:
-            trial.set_user_attr("d_separates", bool(result.val["val_d_acc"] >= metrics.D_SEPARATES))
+        for name in ("d_acc", "d_auc"):
+            if metrics.val_key(name) in result.val:
+                trial.set_user_attr(name, round(result.val[metrics.val_key(name)], 4))
+        if metrics.val_key("d_acc") in result.val:
+            trial.set_user_attr("d_separates", bool(result.val[metrics.val_key("d_acc")] >= metrics.D_SEPARATES))
         values = [result.val[objective_key(o)] for o in cfg.tune.objectives]
         return values[0] if single else values
 
