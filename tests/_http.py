@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import io
 import re
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
@@ -94,3 +96,12 @@ class FileServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    """A zip archive of ``name -> data`` in memory (what the server hands out as a download)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()

@@ -198,5 +198,19 @@ def reproduced_copy(reproduced, tmp_path) -> Path:
     return dst
 
 
+def noise_valid_dir(root: Path, n: int, seed: int) -> Path:
+    """A validation folder (hr/, lr/ at x4) of ``n`` random 32-px images."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for d in ("hr", "lr"):
+        (root / d).mkdir(parents=True)
+    for i in range(n):
+        hr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(hr).save(root / "hr" / f"im{i}.png")
+        Image.fromarray(hr[::4, ::4]).save(root / "lr" / f"im{i}.png")
+    return root
+
+
 def assert_uint8_image(a: np.ndarray, shape: tuple[int, ...]) -> None:
     assert a.dtype == np.uint8 and a.shape == shape, (a.dtype, a.shape)

@@ -15,12 +15,11 @@ import json
 import logging
 import math
 import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _http import FileServer
+from _http import FileServer, zip_bytes
 from PIL import Image
 
 from srgan import images
@@ -77,14 +76,6 @@ def _tar(entries: dict[str, bytes], mode: str = "w") -> bytes:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def _zip(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
     return buf.getvalue()
 
 
@@ -375,7 +366,7 @@ def test_tampered_cached_archive_is_downloaded_again(tmp_path):
 def test_div2k_valid_from_zip_with_published_sha256(tmp_path):
     ids = [f"{i:04d}" for i in range(801, 901)]
     originals = {i: _cut(int(i), grey=int(i) % 25 == 0) for i in ids}
-    zdata = _zip({"DIV2K_valid_HR/": b"", **{f"DIV2K_valid_HR/{i}.png": d for i, d in originals.items()}})
+    zdata = zip_bytes({"DIV2K_valid_HR/": b"", **{f"DIV2K_valid_HR/{i}.png": d for i, d in originals.items()}})
     src = BENCHMARKS["div2k_valid"].sources[0]
     sets = {"div2k_valid": dataclasses.replace(
         BENCHMARKS["div2k_valid"],
@@ -420,7 +411,7 @@ def test_manga109_needs_a_supplied_archive(tmp_path, caplog):
         fetch_benchmark("manga109", tmp_path / "b", dl, SCALE, **FAST)
     originals = {f"Title{i:03d}": _cut(500 + i) for i in range(109)}
     dl.mkdir()
-    (dl / "Manga109.zip").write_bytes(_zip({f"Manga109/{s}.png": d for s, d in originals.items()}))
+    (dl / "Manga109.zip").write_bytes(zip_bytes({f"Manga109/{s}.png": d for s, d in originals.items()}))
     with caplog.at_level(logging.WARNING, logger="srgan.benchmarks"):
         out = fetch_benchmark("manga109", tmp_path / "b", dl, SCALE, **FAST)
     assert "trusting it on first use" in caplog.text

@@ -16,11 +16,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
-from PIL import Image
 from werkzeug.serving import make_server
+
+from conftest import noise_valid_dir
 
 from srgan.mos import study as S
 from srgan.mos.app import CSRF_HEADER, create_app, order_for
@@ -28,22 +28,11 @@ from srgan.mos.app import CSRF_HEADER, create_app, order_for
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _valid(root: Path, n: int = 3) -> Path:
-    rng = np.random.default_rng(1)
-    for d in ("hr", "lr"):
-        (root / d).mkdir(parents=True)
-    for i in range(n):
-        hr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(hr).save(root / "hr" / f"im{i}.png")
-        Image.fromarray(hr[::4, ::4]).save(root / "lr" / f"im{i}.png")
-    return root
-
-
 @pytest.fixture()
 def env(tmp_path):
     """A 3 images x 4 methods study (fake model, no TF), its app and its ratings DB."""
     fake = S.ModelMethod("gan", lambda lr, s: 255 - S.upscale_bicubic(lr, s), "fake")
-    st = S.prepare_study(_valid(tmp_path / "valid"), tmp_path / "study", [fake], log=lambda s: None)
+    st = S.prepare_study(noise_valid_dir(tmp_path / "valid", 3, seed=1), tmp_path / "study", [fake], log=lambda s: None)
     dbp = tmp_path / "ratings.sqlite"
     app = create_app(tmp_path / "study", dbp)
     return st, app, dbp

@@ -14,23 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import noise_valid_dir
+
 from srgan.mos import app as mos_app
 from srgan.mos import db, results, scale, stats
 from srgan.mos import study as S
 from srgan.mos.app import CSRF_HEADER, MAX_BODY_BYTES, create_app, order_for
 
 METHODS = ("nearest", "bicubic", "gan", "hr")
-
-
-def _valid(root: Path, n: int) -> Path:
-    rng = np.random.default_rng(3)
-    for d in ("hr", "lr"):
-        (root / d).mkdir(parents=True)
-    for i in range(n):
-        hr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(hr).save(root / "hr" / f"im{i}.png")
-        Image.fromarray(hr[::4, ::4]).save(root / "lr" / f"im{i}.png")
-    return root
 
 
 def _gan(lr: np.ndarray, s: int) -> np.ndarray:
@@ -40,7 +31,7 @@ def _gan(lr: np.ndarray, s: int) -> np.ndarray:
 @pytest.fixture()
 def env(tmp_path):
     """6 images x 4 methods: enough images that a per-image method order cannot be chance."""
-    st = S.prepare_study(_valid(tmp_path / "valid", 6), tmp_path / "study",
+    st = S.prepare_study(noise_valid_dir(tmp_path / "valid", 6, seed=3), tmp_path / "study",
                          [S.ModelMethod("gan", _gan, "fake")], log=lambda s: None)
     dbp = tmp_path / "ratings.sqlite"
     return st, create_app(tmp_path / "study", dbp), dbp
@@ -369,7 +360,7 @@ def test_views_are_module_level_and_read_the_app_config(env, tmp_path):
     for name, view in views.items():
         assert app.view_functions[f"mos.{name}"] is view
     # Two apps in one process, two studies: each view answers from its own app's config.
-    other = S.prepare_study(_valid(tmp_path / "valid2", 1), tmp_path / "study2", log=lambda s: None)
+    other = S.prepare_study(noise_valid_dir(tmp_path / "valid2", 1, seed=3), tmp_path / "study2", log=lambda s: None)
     app2 = create_app(other.root, tmp_path / "r2.sqlite")
     assert app.test_client().get("/api/state").get_json()["total"] == 24
     assert app2.test_client().get("/api/state").get_json()["total"] == 3

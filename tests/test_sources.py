@@ -9,12 +9,11 @@ import os
 import socket
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _http import FileServer
+from _http import FileServer, zip_bytes
 from conftest import write_params
 from PIL import Image
 
@@ -29,14 +28,6 @@ def _image(seed: int, fmt: str, size: int = 8) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _zip(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
     return buf.getvalue()
 
 
@@ -61,10 +52,10 @@ def _div2k_files(extra_train: dict[str, bytes] | None = None) -> dict[str, bytes
     train = {f"DIV2K_train_HR/{i}.png": HR[i] for i in TRAIN_IDS}
     train["DIV2K_train_HR/"] = b""  # directory entry, as real archives have
     return {
-        "DIV2K_train_HR.zip": _zip({**train, **(extra_train or {})}),
-        "DIV2K_valid_HR.zip": _zip({f"DIV2K_valid_HR/{i}.png": HR[i] for i in VALID_IDS}),
-        "DIV2K_train_LR_bicubic_X4.zip": _zip({f"{LR_TRAIN}/{i}x4.png": LR[i] for i in TRAIN_IDS}),
-        "DIV2K_valid_LR_bicubic_X4.zip": _zip({f"{LR_VALID}/{i}x4.png": LR[i] for i in VALID_IDS}),
+        "DIV2K_train_HR.zip": zip_bytes({**train, **(extra_train or {})}),
+        "DIV2K_valid_HR.zip": zip_bytes({f"DIV2K_valid_HR/{i}.png": HR[i] for i in VALID_IDS}),
+        "DIV2K_train_LR_bicubic_X4.zip": zip_bytes({f"{LR_TRAIN}/{i}x4.png": LR[i] for i in TRAIN_IDS}),
+        "DIV2K_valid_LR_bicubic_X4.zip": zip_bytes({f"{LR_VALID}/{i}x4.png": LR[i] for i in VALID_IDS}),
     }
 
 
@@ -194,8 +185,8 @@ TRAIN_NAMES = [f"{i:012d}.jpg" for i in range(500, 520)]
 @pytest.fixture(scope="module")
 def coco_files() -> dict[str, bytes]:
     return {
-        "val2017.zip": _zip({f"val2017/{n}": _image(i, "JPEG") for i, n in enumerate(VAL_NAMES)}),
-        "train2017.zip": _zip({f"train2017/{n}": _image(99 + i, "JPEG") for i, n in enumerate(TRAIN_NAMES)}),
+        "val2017.zip": zip_bytes({f"val2017/{n}": _image(i, "JPEG") for i, n in enumerate(VAL_NAMES)}),
+        "train2017.zip": zip_bytes({f"train2017/{n}": _image(99 + i, "JPEG") for i, n in enumerate(TRAIN_NAMES)}),
     }
 
 
