@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY, write_params
-from srgan import config, tracking
+from conftest import TINY, tiny_config, write_params
+from srgan import config, tracking, tune
 from srgan.config import ROOT
 
 
@@ -43,8 +43,6 @@ def _tune(tmp_path, processed, mlflow_uri, *args, params=None, popen=False):
 
 
 def _study(tmp_path):
-    from srgan import tune
-
     cfg = config.from_dict(TINY)
     return tune.open_study(cfg, "srgan-perpix", str(tmp_path / "journal.log"))
 
@@ -57,6 +55,11 @@ def test_tune_runs_nested_trials_and_a_second_call_adds_to_the_study(processed, 
     study = _study(tmp_path)
     assert [t.number for t in study.trials] == [0, 1, 2]
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    # the first trial is params.yaml's own values: the baseline every other trial is judged against
+    cfg = tiny_config()
+    assert study.trials[0].user_attrs.get(tune.BASELINE_ATTR) and not study.trials[1].user_attrs.get(tune.BASELINE_ATTR)
+    assert study.trials[0].params == {"w_mse": cfg.loss.w_mse, "w_vgg": cfg.loss.w_vgg, "w_adv": cfg.loss.w_adv,
+                                      "adv_loss": cfg.adv.loss}
 
     runs = tracking.search_runs("srgan")
     parents = [r for r in runs if r["tags"].get("kind") == "tune"]
@@ -72,6 +75,8 @@ def test_tune_runs_nested_trials_and_a_second_call_adds_to_the_study(processed, 
 
     best = yaml.safe_load((tmp_path / "tune" / "best_params.yaml").read_text())
     assert set(best["params"]) == {"loss.w_mse", "loss.w_vgg", "loss.w_adv", "adv.loss"}
+    # (trial 0 is one of the pruner's start-up trials: never pruned)
+    assert best["baseline"]["trial"] == 0 and set(best["baseline"]["objective"]) == {"psnr_y"}
     assert (tmp_path / "tune" / "trials.csv").read_text().count("\n") == 4
     assert (tmp_path / "tune" / "history.png").stat().st_size > 1000
     assert (tmp_path / "tune" / "importances.png").exists()
@@ -94,7 +99,6 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(processed, mlflow_uri, t
 def test_pruning_callback_prunes_a_trial_below_the_median(tmp_path):
     import optuna
 
-    from srgan import tune
 
     cfg = config.from_dict({**TINY, "tune": {**TINY["tune"], "pruner": "median"}})
     study = optuna.create_study(direction="maximize", pruner=tune.make_pruner(cfg),
@@ -182,7 +186,6 @@ def test_two_workers_share_one_study(processed, mlflow_uri, tmp_path):
 
 
 def test_apply_best_params_keeps_comments(tmp_path):
-    from srgan import tune
 
     p = tmp_path / "params.yaml"
     p.write_text(config.PARAMS_PATH.read_text())
@@ -213,3 +216,14 @@ def test_tune_needs_the_pretrained_srresnet(processed_dir, mlflow_uri, tmp_path)
     out = subprocess.run(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "dvc repro pretrain" in out.stderr, out.stdout + out.stderr
+
+
+def test_the_baseline_trial_is_the_config_inside_the_search_space_and_dominance_follows_directions():
+    cfg = tiny_config(**{"loss.w_adv": 0.5, "tune.w_adv": [0.0001, 0.01]})  # w_adv outside its range
+    assert tune.baseline_params(cfg) == {"w_mse": cfg.loss.w_mse, "w_vgg": cfg.loss.w_vgg, "adv_loss": cfg.adv.loss}
+    assert tune.baseline_params(tiny_config(**{"tune.losses": ["hinge"]})).get("adv_loss") is None  # not searched
+    objectives = ["psnr_y", "niqe"]  # higher, lower is better
+    assert tune.dominates([28.2, 5.5], [28.1, 5.9], objectives)
+    assert tune.dominates([28.1, 5.5], [28.1, 5.9], objectives)
+    assert not tune.dominates([28.1, 5.9], [28.1, 5.9], objectives)  # equal: no better
+    assert not tune.dominates([28.3, 6.0], [28.1, 5.9], objectives)  # a trade-off is not a win

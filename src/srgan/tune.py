@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from . import metrics, tracking
 from .config import ROOT, TUNE_RANGES, Config, ConfigError, edit_params, replace
@@ -229,12 +229,31 @@ def _find_trial_run(study, trial) -> str | None:
     return runs[0] if runs else None
 
 
+BASELINE_ATTR = "baseline"  # user attribute of the trial that runs params.yaml's own values
+
+
+def baseline_params(cfg: Config) -> dict[str, Any]:
+    """params.yaml's values of the searched params (Optuna names), where they lie in the search space:
+    the first trial of a new study, so every later trial is judged against the config as it is."""
+    t, flat, out = cfg.tune, cfg.flat(), {}
+    for name, key in TUNE_RANGES.items():
+        lo_hi, value = getattr(t, name), flat[key]
+        if lo_hi and lo_hi[0] <= value <= lo_hi[1]:
+            out[name] = value
+    if len(t.losses) > 1 and cfg.adv.loss in t.losses:
+        out["adv_loss"] = cfg.adv.loss
+    return out
+
+
 def run_study(cfg: Config, data: TrainData, study_name: str, storage_url: str | None,
               n_trials: int | None, timeout: float | None, parent_run_id: str | None,
               srresnet: Path, data_offset: int = 0) -> Any:
-    """Add ``n_trials`` trials to the study in this process; returns the study."""
+    """Add ``n_trials`` trials to the study in this process; returns the study. A new study's first
+    trial is the baseline: params.yaml's own values (:func:`baseline_params`)."""
     study = open_study(cfg, study_name, storage_url, seed=None)
     recover_dead_trials(study)
+    if not study.trials:
+        study.enqueue_trial(baseline_params(cfg), user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
     study.optimize(
         make_objective(cfg, data, parent_run_id, srresnet, data_offset), n_trials=n_trials, timeout=timeout,
         catch=(NonFiniteLossError,), callbacks=[tag_trial_run], gc_after_trial=True,
@@ -253,6 +272,25 @@ def best_trial(study, cfg: Config):
 def best_overrides(study, cfg: Config) -> dict[str, Any]:
     """Dotted params.yaml keys of :func:`best_trial`."""
     return {PARAM_KEYS[k]: v for k, v in best_trial(study, cfg).params.items()}
+
+
+def dominates(a: Sequence[float], b: Sequence[float], objectives: Sequence[str]) -> bool:
+    """Values ``a`` are at least as good as ``b`` on every objective and better on one."""
+    signs = [1.0 if metrics.higher_is_better(o) else -1.0 for o in objectives]
+    return all(s * x >= s * y for s, x, y in zip(signs, a, b)) and any(s * x > s * y for s, x, y in zip(signs, a, b))
+
+
+def baseline_outcome(study, cfg: Config) -> dict[str, Any] | None:
+    """The baseline trial's values and the complete trials that beat it on every objective."""
+    from optuna.trial import TrialState
+
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    base = next((t for t in complete if t.user_attrs.get(BASELINE_ATTR)), None)
+    if base is None:
+        return None
+    objectives = cfg.tune.objectives
+    return {"trial": base.number, "objective": dict(zip(objectives, base.values)),
+            "dominated_by": [t.number for t in complete if dominates(t.values, base.values, objectives)]}
 
 
 def write_outputs(study, cfg: Config, out_dir: Path) -> dict[str, Path]:
@@ -277,7 +315,8 @@ def write_outputs(study, cfg: Config, out_dir: Path) -> dict[str, Path]:
     values = dict(zip(cfg.tune.objectives, best_trial(study, cfg).values))
     text = ("# Best trial of study '%s' (%d complete trials). Apply with: python src/tune.py --apply\n"
             % (study.study_name, len(complete)))
-    text += yaml.safe_dump({"objective": values, "params": best}, sort_keys=True)
+    text += yaml.safe_dump({"objective": values, "params": best, "baseline": baseline_outcome(study, cfg)},
+                           sort_keys=True)
     write_text_atomic(out_dir / "best_params.yaml", text)
     paths["best"] = out_dir / "best_params.yaml"
     vis = optuna.visualization.matplotlib
