@@ -101,14 +101,19 @@ def make_pruner(cfg: Config):
 
 
 def open_study(cfg: Config, study_name: str, storage_url: str | None, seed: int | None = None):
-    """Create or load the study (same name and storage -> the same study, resumed)."""
+    """Create or load the study (same name and storage -> the same study, resumed); a new study's
+    first trial is the baseline (:func:`baseline_params`)."""
     import optuna
 
     check_objectives(cfg)
-    return optuna.create_study(
-        study_name=study_name, storage=make_storage(storage_url), load_if_exists=True,
-        directions=directions(cfg), sampler=make_sampler(cfg, seed), pruner=make_pruner(cfg),
-    )
+    kw = dict(study_name=study_name, storage=make_storage(storage_url), directions=directions(cfg),
+              sampler=make_sampler(cfg, seed), pruner=make_pruner(cfg))
+    try:  # only the one call that creates the study (the storage decides) enqueues the baseline
+        study = optuna.create_study(load_if_exists=False, **kw)
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.create_study(load_if_exists=True, **kw)
+    study.enqueue_trial(baseline_params(cfg), user_attrs={BASELINE_ATTR: True})
+    return study
 
 
 def suggest(trial, cfg: Config) -> Config:
@@ -248,12 +253,9 @@ def baseline_params(cfg: Config) -> dict[str, Any]:
 def run_study(cfg: Config, data: TrainData, study_name: str, storage_url: str | None,
               n_trials: int | None, timeout: float | None, parent_run_id: str | None,
               srresnet: Path, data_offset: int = 0) -> Any:
-    """Add ``n_trials`` trials to the study in this process; returns the study. A new study's first
-    trial is the baseline: params.yaml's own values (:func:`baseline_params`)."""
+    """Add ``n_trials`` trials to the study in this process; returns the study."""
     study = open_study(cfg, study_name, storage_url, seed=None)
     recover_dead_trials(study)
-    if not study.trials:
-        study.enqueue_trial(baseline_params(cfg), user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
     study.optimize(
         make_objective(cfg, data, parent_run_id, srresnet, data_offset), n_trials=n_trials, timeout=timeout,
         catch=(NonFiniteLossError,), callbacks=[tag_trial_run], gc_after_trial=True,
