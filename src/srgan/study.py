@@ -429,8 +429,8 @@ def dynamics_png(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
             if not steps:
                 continue
             vals = np.array([[dict(h)[s] for s in steps] for h in runs])
-            ax.plot(steps, vals.mean(axis=0), "o-" if key.startswith(metrics.VALIDATION_PREFIX) else "-", ms=3, color=colors[arm],
-                    label=f"{arm} ({len(runs)})")
+            style = "o-" if key.startswith(metrics.VALIDATION_PREFIX) else "-"
+            ax.plot(steps, vals.mean(axis=0), style, ms=3, color=colors[arm], label=f"{arm} ({len(runs)})")
             if len(runs) > 1:
                 ax.fill_between(steps, vals.min(axis=0), vals.max(axis=0), color=colors[arm], alpha=0.15)
         if key in D_HEALTH_CURVES:

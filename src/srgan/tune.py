@@ -278,8 +278,8 @@ def best_overrides(study, cfg: Config) -> dict[str, Any]:
 
 def dominates(a: Sequence[float], b: Sequence[float], objectives: Sequence[str]) -> bool:
     """Values ``a`` are at least as good as ``b`` on every objective and better on one."""
-    signs = [1.0 if metrics.higher_is_better(o) else -1.0 for o in objectives]
-    return all(s * x >= s * y for s, x, y in zip(signs, a, b)) and any(s * x > s * y for s, x, y in zip(signs, a, b))
+    ms = [metrics.get(o) for o in objectives]
+    return not any(m.better(y, x) for m, x, y in zip(ms, a, b)) and any(m.better(x, y) for m, x, y in zip(ms, a, b))
 
 
 def baseline_outcome(study, cfg: Config) -> dict[str, Any] | None:
