@@ -110,9 +110,11 @@ def test_bare_postgresql_url_opens_a_study(tmp_path):
 
     cfg = config.from_dict(TINY)
     with postgres_server("optuna", driver="") as storage:
-        study = tune.open_study(cfg, STUDY, storage)
+        study = tune.open_study(cfg, STUDY, storage)  # created: the baseline trial is enqueued
         study.enqueue_trial({"w_mse": 1.0})
-        assert len(tune.open_study(cfg, STUDY, storage).trials) == 1
+        trials = tune.open_study(cfg, STUDY, storage).trials  # loaded: no second baseline
+        assert [t.user_attrs.get(tune.BASELINE_ATTR, False) for t in trials] == [True, False]
+        assert trials[1].system_attrs["fixed_params"] == {"w_mse": 1.0}
 
 
 OPEN_STUDY = """
