@@ -48,6 +48,52 @@ def test_plan_has_one_experiment_per_arm_and_seed():
     assert [(e.loss, e.seed) for e in study.plan(cfg, "s1", {"hinge": [3]}) if e.loss == "hinge"] == [("hinge", 3)]
 
 
+def test_each_objective_can_run_at_its_own_params():
+    from srgan.config import ConfigError
+
+    cfg = _cfg(**{"study.arm_params": {"hinge": {"loss.w_adv": 0.002, "gan.d_lr": 0.0003}}})
+    study.check_config(cfg)
+    by_loss = {e.loss: e.config(cfg) for e in study.plan(cfg, "s1")}
+    assert (by_loss["hinge"].loss.w_adv, by_loss["hinge"].gan.d_lr) == (0.002, 0.0003)
+    assert by_loss["least_squares"].loss.w_adv == by_loss["none"].loss.w_adv == cfg.loss.w_adv
+    # equal tuning's choice wins over the declared params for what it searched
+    tuned = {e.loss: e.config(cfg) for e in study.plan(cfg, "s1", tuned={"hinge": {"loss.w_adv": 0.004}})}
+    assert (tuned["hinge"].loss.w_adv, tuned["hinge"].gan.d_lr) == (0.004, 0.0003)
+    for bad, message in (({"hinge": {"loss.w_advv": 1.0}}, "study.arm_params.hinge: loss.w_advv: unknown key"),
+                         ({"hinge": {"loss.w_adv": -1.0}}, "study.arm_params.hinge: loss.w_adv: -1.0 is out"),
+                         ({"hinge": {"gan.seed": 3}}, "study.arm_params.hinge: gan.seed is set by the study"),
+                         ({"hing": {}}, "study.arm_params.hing: 'hing' is not allowed; allowed values: 'minimax'")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            study.check_config(_cfg(**{"study.arm_params": bad}))
+
+
+def test_criterion_says_which_objective_works_and_why_not():
+    cfg = _cfg(**{"study.losses": ["none", "hinge", "least_squares", "minimax", "modified"],
+                  "study.decide_by": "niqe", "study.min_gain_sds": 2.0, "study.max_psnr_drop": 1.0})
+    srresnet = {"img0": {"srresnet_psnr_y": 29.0}, "img1": {"srresnet_psnr_y": 29.0}}
+
+    def row(loss, seed, niqe, psnr, d_acc):
+        m = {"eval/valid/niqe": niqe, "eval/valid/psnr_y": psnr}
+        if loss != "none":
+            m["eval/valid/d_acc"] = d_acc
+        return {"loss": loss, "seed": seed, "arch": "srresnet", "metrics": m, "per_image": {"valid": srresnet}}
+
+    rows = [row("none", s, 6.4 + 0.02 * s, 28.9, None) for s in (1, 2, 3)]
+    rows += [row("hinge", s, 5.8 + 0.05 * s, 28.5, 0.85) for s in (1, 2, 3)]  # works
+    rows += [row("least_squares", s, 5.8 + 0.05 * s, 28.5, 0.70) for s in (1, 2, 3)]  # D at chance-ish
+    rows += [row("minimax", s, [5.2, 6.0, 6.6][s - 1], 28.5, 0.85) for s in (1, 2, 3)]  # gain inside 2 SD
+    rows += [row("modified", s, 5.0 + 0.05 * s, 27.5, 0.9) for s in (1, 2, 3)]  # costs 1.5 dB
+    crit = study.criterion(cfg, rows, "valid")
+    assert crit["hinge"]["met"] and crit["hinge"]["d_acc"] == [0.85] * 3
+    assert crit["hinge"]["gain"] == pytest.approx(6.44 - 5.9) and crit["hinge"]["psnr_drop"] == pytest.approx(0.5)
+    assert crit["least_squares"]["fails"] == ["D accuracy below 0.75"]
+    assert crit["minimax"]["fails"] == ["NIQE gain not above 2 SD"]
+    assert crit["modified"]["fails"] == ["loses more than 1 dB psnr_y to the SRResNet"]
+    one_seed = study.criterion(cfg, [r for r in rows if r["seed"] == 1], "valid")
+    assert "NIQE gain not above 2 SD" in one_seed["hinge"]["fails"]  # one seed has no spread: no claim
+    assert "<td class=better>met</td>" in study.criterion_table(crit, cfg)
+
+
 def test_decide_by_must_be_a_compared_metric():
     from srgan.config import ConfigError
 
@@ -141,6 +187,9 @@ def test_report_has_intervals_groups_control_dynamics_and_verdict(recorded, tmp_
     parent = tracking.search_runs("srgan", f"attributes.run_id = '{parent_id}'")[0]
     assert "study/valid/psnr_y/control/mean" in parent["metrics"] and parent["tags"]["study.verdict"]
     assert "study/valid/psnr_y/hinge/vs_control/p_holm" in parent["metrics"]
+    assert set(record["criterion"]) == {"hinge", "least_squares"}  # each objective against the criterion
+    assert {parent["tags"][f"study.criterion.{a}"] for a in ("hinge", "least_squares")} <= \
+        {"met", *("; ".join(c["fails"]) for c in record["criterion"].values())}
     # the same report is not replaced by one with fewer runs
     with pytest.raises(study.StudyError, match="with 6 runs; MLflow has 5 of them now: not overwritten"):
         study.write_report(cfg, rows[:5], out, processed_dir / "valid", srresnet, "s1")
@@ -162,6 +211,7 @@ def test_report_has_intervals_groups_control_dynamics_and_verdict(recorded, tmp_
             assert any(t.startswith("hinge") and "[" in t and "p=" in t for t in body), body  # CI and Holm p
             assert any(t.startswith("SRResNet") for t in body) and any(t.startswith("bicubic") for t in body)
             assert pg.locator("#dynamics").count() == 1 and "groups that cannot be told apart" in pg.content()
+            assert pg.locator("#criterion + p + table tbody tr").count() == 2  # one row per objective
             widths = pg.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth)")
             alts = pg.evaluate("Array.from(document.images).map(i => i.alt)")
             assert len(widths) >= 3 and all(w and w > 0 for w in widths), (widths, alts)  # plots and crops decoded

@@ -55,6 +55,7 @@ ADV_LOSSES = ("minimax", "modified", "least_squares", "wasserstein_gp", "hinge",
 # The control arm: the same adversarial phase (pixel + VGG terms, same steps, seeds and data) with
 # no adversarial term and no discriminator, so every objective's effect is measured against it.
 NO_ADVERSARIAL = "none"
+STUDY_SETS = ("adv.loss", "gan.seed", "model.generator.arch")  # what the study sets per experiment
 Objective = Literal[ADV_LOSSES]  # type: ignore[valid-type]
 AdvLoss = Literal[(*ADV_LOSSES, NO_ADVERSARIAL)]  # type: ignore[valid-type]
 Schedule = Literal["constant", "step", "cosine"]
@@ -305,6 +306,9 @@ class StudyConfig(Section):
     max_seeds: PosInt
     budget_minutes: PosFloat
     decide_by: str
+    arm_params: dict[AdvLoss, dict[str, float | int | str | bool]]
+    min_gain_sds: PosFloat
+    max_psnr_drop: PosFloat
     tune_trials: NonNegInt
     archs: list[str]
     jobs: NonNegInt
@@ -319,6 +323,10 @@ class StudyConfig(Section):
                 raise _error(f"study.{name}: {values!r} must list at least one value, each once")
         if self.max_seeds < len(self.seeds):
             raise _error(f"study.max_seeds: {self.max_seeds} is below the {len(self.seeds)} study.seeds")
+        for arm, over in self.arm_params.items():
+            fixed = sorted(set(over) & set(STUDY_SETS))
+            if fixed:  # the study sets these per experiment
+                raise _error(f"study.arm_params.{arm}: {', '.join(fixed)} is set by the study itself")
         return self
 
 
@@ -465,8 +473,10 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{key}: missing; params.yaml must set every key (see the project's params.yaml)"
     if kind == "literal_error":
-        allowed = get_args(_field_type(loc)) or ()
-        return f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}"
+        if loc[-1] == "[key]":  # a mapping's key (e.g. study.arm_params.<objective>)
+            key = _key(loc[:-1])
+        allowed = ", ".join(map(repr, get_args(_field_type(loc)) or ())) or err["ctx"]["expected"]
+        return f"{key}: {value!r} is not allowed; allowed values: {allowed}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"{key}: expected an integer, got {value!r}"
     if kind in ("bool_type", "bool_parsing"):

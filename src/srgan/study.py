@@ -76,14 +76,16 @@ def arm_name(loss: str, arch: str, archs: Sequence[str]) -> str:
 def plan(cfg: Config, study_id: str, seeds: Mapping[str, Sequence[int]] | None = None,
          tuned: Mapping[str, Mapping[str, Any]] | None = None) -> list[Experiment]:
     """Every (architecture, arm, seed) as a DVC experiment; ``seeds``: arm -> seeds (default:
-    study.seeds); ``tuned``: arm -> the params its tuning chose (study.tune_trials)."""
+    study.seeds); each objective's ``study.arm_params``, then ``tuned``: arm -> the params its tuning
+    chose (study.tune_trials)."""
     st = cfg.study
     out = []
     for arch in st.archs:
         for loss in st.losses:
             arm = arm_name(loss, arch, st.archs)
             for seed in (seeds or {}).get(arm, st.seeds):
-                over: dict[str, Any] = {**(tuned or {}).get(arm, {}), "adv.loss": loss, "gan.seed": seed}
+                over: dict[str, Any] = {**st.arm_params.get(loss, {}), **(tuned or {}).get(arm, {}),
+                                        "adv.loss": loss, "gan.seed": seed}
                 if arch != cfg.model.generator.arch:
                     over["model.generator.arch"] = arch
                 out.append(Experiment(f"{study_id}-{arch}-{loss}-s{seed}", loss, seed, arch, over))
@@ -247,6 +249,65 @@ def references(rows: Sequence[Mapping[str, Any]], set_name: str) -> dict[str, di
     return out
 
 
+CRITERION_DISTORTION = "psnr_y"  # what an objective may lose at most study.max_psnr_drop of (dB)
+
+
+def criterion(cfg: Config, rows: Sequence[Mapping[str, Any]], set_name: str) -> dict[str, dict[str, Any]]:
+    """Does each objective work? Per objective arm on ``set_name``: its D separates (mean held-out D
+    accuracy over seeds >= metrics.D_SEPARATES), it beats the control on ``study.decide_by`` by more
+    than ``study.min_gain_sds`` standard deviations of its own seeds, and it loses at most
+    ``study.max_psnr_drop`` dB PSNR-Y to the SRResNet. arm -> the figures, ``fails`` and ``met``."""
+    st = cfg.study
+    decide = metrics.get(st.decide_by)
+    archs = sorted({r["arch"] for r in rows})
+    out: dict[str, dict[str, Any]] = {}
+
+    def per_run(runs: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:
+        values = [r["metrics"].get(f"eval/{set_name}/{name}") for r in runs]
+        return np.array([v for v in values if v is not None], dtype=np.float64)
+
+    for arch in archs:
+        mine = [r for r in rows if r["arch"] == arch]
+        control = per_run([r for r in mine if r["loss"] == NO_ADVERSARIAL], decide.name)
+        srresnet = references(mine, set_name).get("SRResNet", {}).get(CRITERION_DISTORTION)
+        for loss in dict.fromkeys(r["loss"] for r in mine if r["loss"] != NO_ADVERSARIAL):
+            runs = [r for r in mine if r["loss"] == loss]
+            d_acc, score = per_run(runs, "d_acc"), per_run(runs, decide.name)
+            distortion = per_run(runs, CRITERION_DISTORTION)
+            sign = 1.0 if decide.higher_is_better else -1.0
+            gain = sign * (score.mean() - control.mean()) if len(score) and len(control) else float("nan")
+            sd = float(score.std(ddof=1)) if len(score) > 1 else float("nan")
+            drop = srresnet - distortion.mean() if srresnet is not None and len(distortion) else float("nan")
+            fails = []
+            if not (len(d_acc) and d_acc.mean() >= metrics.D_SEPARATES):
+                fails.append(f"D accuracy below {metrics.D_SEPARATES}")
+            if not gain > st.min_gain_sds * sd:  # NaN (one seed, no control) fails too
+                fails.append(f"{decide.label} gain not above {st.min_gain_sds:g} SD")
+            if not drop <= st.max_psnr_drop:
+                fails.append(f"loses more than {st.max_psnr_drop:g} dB {CRITERION_DISTORTION} to the SRResNet")
+            out[arm_name(loss, arch, st.archs)] = {
+                "seeds": len(runs), "d_acc": [round(float(v), 3) for v in d_acc], "gain": float(gain),
+                "sd": sd, "psnr_drop": float(drop), "fails": fails, "met": not fails}
+    return out
+
+
+def criterion_table(crit: Mapping[str, Mapping[str, Any]], cfg: Config) -> str:
+    """The criterion as an HTML table, one row per objective."""
+    st, decide = cfg.study, metrics.get(cfg.study.decide_by)
+    body = "".join(
+        f"<tr><td>{html.escape(arm)}</td><td>{c['seeds']}</td><td>{' '.join(f'{v:.2f}' for v in c['d_acc'])}</td>"
+        f"<td>{c['gain']:+.{decide.digits}f}</td><td>{st.min_gain_sds * c['sd']:.{decide.digits}f}</td>"
+        f"<td>{c['psnr_drop']:.2f}</td><td class={'better' if c['met'] else 'worse'}>"
+        f"{'met' if c['met'] else html.escape('; '.join(c['fails']))}</td></tr>" for arm, c in crit.items())
+    return ("<h2 id=criterion>Does each objective work?</h2><p class=muted>An objective works when its D separates "
+            f"(mean held-out accuracy >= {metrics.D_SEPARATES}), it beats the control on {html.escape(decide.label)} "
+            f"by more than {st.min_gain_sds:g} of its seeds' standard deviations, and it loses at most "
+            f"{st.max_psnr_drop:g} dB PSNR-Y to the SRResNet (study.min_gain_sds, study.max_psnr_drop).</p>"
+            f"<table><thead><tr><th>arm</th><th>seeds</th><th>D accuracy per seed</th><th>gain vs control</th>"
+            f"<th>{st.min_gain_sds:g} SD</th><th>PSNR-Y drop (dB)</th><th>criterion</th></tr></thead>"
+            f"<tbody>{body}</tbody></table>")
+
+
 def next_seeds(cfg: Config, rows: Sequence[Mapping[str, Any]], started: float, seconds_per_run: float,
                stopped: dict[str, str]) -> dict[str, list[int]]:
     """Arm -> the one seed to add next (adaptive seeding on ``study.decide_by``); records in
@@ -279,13 +340,19 @@ def next_seeds(cfg: Config, rows: Sequence[Mapping[str, Any]], started: float, s
 
 
 def check_config(cfg: Config) -> None:
-    """What the schema cannot check: ``study.decide_by`` names a registered metric with a direction."""
+    """What the schema cannot check: ``study.decide_by`` names a registered metric with a direction;
+    every ``study.arm_params`` entry is a valid override of the config."""
     from .config import ConfigError
 
     allowed = [m.name for m in metrics.image_metrics(headline_only=True) if m.higher_is_better is not None]
     if cfg.study.decide_by not in allowed:
         raise ConfigError(f"study.decide_by: {cfg.study.decide_by!r} is not a metric the study compares; "
                           f"allowed: {', '.join(allowed)}")
+    for loss, over in cfg.study.arm_params.items():
+        try:
+            replace(cfg, {**over, "adv.loss": loss})
+        except (ConfigError, KeyError, TypeError) as exc:
+            raise ConfigError(f"study.arm_params.{loss}: {exc}") from None
 
 
 def _jobs(cfg: Config) -> int:
@@ -593,7 +660,9 @@ def write_report(cfg: Config, rows: Sequence[Mapping[str, Any]], out_dir: Path, 
             for r in rows]
     crop_paths = crops(rows, valid_dir, srresnet, out_dir, cfg.preprocess.scale, cfg.evaluate,
                        cfg.study.crop_images, cfg.study.crop_size) if rows else []
+    crit = criterion(cfg, rows, sets[0]) if rows else {}
     record = {"study": study_id, "seconds": seconds, "verdict": text, "budget": budget, "stopped": dict(stopped or {}),
+              "criterion": crit,
               "analysis": {a: {s: {m: c.as_dict() for m, c in pm.items()} for s, pm in ps.items()}
                            for a, ps in analysis.items()},
               "runs": flat, "mos": mos}
@@ -604,6 +673,8 @@ def write_report(cfg: Config, rows: Sequence[Mapping[str, Any]], out_dir: Path, 
              f"<p class=muted>Study <code>{html.escape(study_id)}</code>: {html.escape(budget)}"
              + (f"; {seconds / 60:.1f} min" if seconds else "") + ".</p>",
              f"<h2 id=verdict>Verdict</h2><p id=verdict-text>{html.escape(text)}</p>"]
+    if crit:
+        parts.append(criterion_table(crit, cfg))
     if stopped:
         parts.append("<details><summary>Why each arm stopped adding seeds</summary><ul>" + "".join(
             f"<li>{html.escape(a)}: {html.escape(w)}</li>" for a, w in sorted(stopped.items())) + "</ul></details>")
@@ -661,7 +732,9 @@ def log_to_parent(parent_run_id: str, out_dir: Path) -> None:
             flat[f"study/mos/{name}"] = m["mos"]
     run = tracking.Run(parent_run_id)
     run.log_metrics({k.replace("relativistic_average", "ragan"): v for k, v in flat.items()})
-    run.set_tags({"study.verdict": record.get("verdict", "")[:4000]})
+    run.set_tags({"study.verdict": record.get("verdict", "")[:4000],
+                  **{f"study.criterion.{arm}": "met" if c["met"] else "; ".join(c["fails"])
+                     for arm, c in record.get("criterion", {}).items()}})
     run.log_artifacts(Path(out_dir), "compare")
 
 
