@@ -79,6 +79,18 @@ def _current(page) -> str:
     return m.group(1)
 
 
+def _start(browser, base: str, name: str | None = None):
+    """A new browser context on the start page; with ``name`` (else an anonymous rater), Start clicked."""
+    ctx = browser.new_context()
+    page = ctx.new_page()
+    page.goto(base)
+    if name is not None:
+        page.fill("#name", name)
+    with page.expect_navigation():
+        page.click("#start")
+    return ctx, page
+
+
 def _progress(page) -> str:
     return page.inner_text("#progress").strip()
 
@@ -153,12 +165,7 @@ def test_rate_reload_continue_in_browser(site, browser, tmp_path):
     ctx.close()
     # A different browser (fresh cookies), same name: the name is a label, not a key to alice's
     # progress; it is refused on the start page.
-    ctx = browser.new_context()
-    p2 = ctx.new_page()
-    p2.goto(base)
-    p2.fill("#name", "alice")
-    with p2.expect_navigation():
-        p2.click("#start")
+    ctx, p2 = _start(browser, base, "alice")
     assert "already taken" in p2.inner_text("#error") and p2.locator("#stimulus").count() == 0
     # alice herself continues there with the resume code her rating page showed: she is done.
     p2.fill("#code", code)
@@ -170,11 +177,7 @@ def test_rate_reload_continue_in_browser(site, browser, tmp_path):
 
 def test_double_click_rates_once_and_anonymous_raters(site, browser):
     base, st, dbp = site
-    ctx = browser.new_context()
-    page = ctx.new_page()
-    page.goto(base)
-    with page.expect_navigation():
-        page.click("#start")  # no name: anonymous cookie rater
+    ctx, page = _start(browser, base)  # no name: anonymous cookie rater
     first = _current(page)
     with page.expect_navigation():
         page.dblclick("#score-2")
@@ -208,12 +211,7 @@ def test_cross_site_form_cannot_rate(site, browser, evil_site):
     # IS sent with the forged POST; only the Origin check and the CSRF token stop it.
     base, _, dbp = site
     evil, evil_page = evil_site
-    ctx = browser.new_context()
-    page = ctx.new_page()
-    page.goto(base)
-    page.fill("#name", "victim")
-    with page.expect_navigation():
-        page.click("#start")
+    ctx, page = _start(browser, base, "victim")
     sid = _current(page)
     evil_page["html"] = (
         f'<form method="post" action="{base}/rate"><input name="stimulus" value="{sid}">'

@@ -91,7 +91,13 @@ def test_criterion_says_which_objective_works_and_why_not():
     assert crit["modified"]["fails"] == ["loses more than 1 dB psnr_y to the SRResNet"]
     one_seed = study.criterion(cfg, [r for r in rows if r["seed"] == 1], "valid")
     assert "NIQE gain not above 2 SD" in one_seed["hinge"]["fails"]  # one seed has no spread: no claim
-    assert "<td class=better>met</td>" in study.criterion_table(crit, cfg)
+    for r in rows:  # what each run logged: hinge ran at its own weight
+        r["params"] = {"adv.loss": r["loss"], "gan.seed": str(r["seed"]), "gan.lr": "0.0001",
+                       "loss.w_adv": "0.002" if r["loss"] == "hinge" else "0.0005"}
+    settings = study.arm_settings(rows)
+    assert settings["hinge"] == {"loss.w_adv": "0.002"} and settings["none"] == {"loss.w_adv": "0.0005"}
+    table = study.criterion_table(crit, cfg, settings)
+    assert "<td>hinge</td><td>loss.w_adv 0.002</td>" in table and "<td class=better>met</td>" in table
 
 
 def test_decide_by_must_be_a_compared_metric():

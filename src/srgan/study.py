@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import dataio, metrics, stats, tracking
-from .config import NO_ADVERSARIAL, ROOT, TRAINING_SECTIONS, Config, replace
+from .config import NO_ADVERSARIAL, ROOT, STUDY_SETS, TRAINING_SECTIONS, Config, replace
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def rows_of(experiment: str, parent_run_id: str, with_images: bool = True) -> li
             "seed": int(p.get("gan.seed", -1)),
             "arch": run["tags"].get("study.arch", p.get("model.generator.arch", "?")),
             "steps": int(float(p.get("gan.steps", 0))),
-            "run_id": run["run_id"], "srresnet_run_id": run["tags"].get("srresnet.run_id"),
+            "run_id": run["run_id"], "srresnet_run_id": run["tags"].get("srresnet.run_id"), "params": p,
             "metrics": run["metrics"], "per_image": _per_image(run["run_id"]) if with_images else {},
         })
     return sorted(rows, key=lambda r: (r["arch"], r["loss"], r["seed"]))
@@ -291,11 +291,29 @@ def criterion(cfg: Config, rows: Sequence[Mapping[str, Any]], set_name: str) -> 
     return out
 
 
-def criterion_table(crit: Mapping[str, Mapping[str, Any]], cfg: Config) -> str:
+def _settings_text(params: Mapping[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in params.items()) or "shared"
+
+
+def arm_settings(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """arm -> the params its runs ran with that differ between arms (its own weights, say), from the
+    runs' logged params; the ones the study sets per experiment are left out."""
+    varying = {k for r in rows for k in r.get("params", {}) if k not in STUDY_SETS
+               and len({q.get("params", {}).get(k) for q in rows}) > 1}
+    out: dict[str, dict[str, str]] = {}
+    for r in rows:
+        arm = arm_name(r["loss"], r["arch"], sorted({q["arch"] for q in rows}))
+        out.setdefault(arm, {}).update({k: r["params"][k] for k in sorted(varying) if k in r["params"]})
+    return out
+
+
+def criterion_table(crit: Mapping[str, Mapping[str, Any]], cfg: Config,
+                    settings: Mapping[str, Mapping[str, str]] | None = None) -> str:
     """The criterion as an HTML table, one row per objective."""
     st, decide = cfg.study, metrics.get(cfg.study.decide_by)
     body = "".join(
-        f"<tr><td>{html.escape(arm)}</td><td>{c['seeds']}</td><td>{' '.join(f'{v:.2f}' for v in c['d_acc'])}</td>"
+        f"<tr><td>{html.escape(arm)}</td><td>{html.escape(_settings_text((settings or {}).get(arm, {})))}</td>"
+        f"<td>{c['seeds']}</td><td>{' '.join(f'{v:.2f}' for v in c['d_acc'])}</td>"
         f"<td>{c['gain']:+.{decide.digits}f}</td><td>{st.min_gain_sds * c['sd']:.{decide.digits}f}</td>"
         f"<td>{c['psnr_drop']:.2f}</td><td class={'better' if c['met'] else 'worse'}>"
         f"{'met' if c['met'] else html.escape('; '.join(c['fails']))}</td></tr>" for arm, c in crit.items())
@@ -303,7 +321,8 @@ def criterion_table(crit: Mapping[str, Mapping[str, Any]], cfg: Config) -> str:
             f"(mean held-out accuracy >= {metrics.D_SEPARATES}), it beats the control on {html.escape(decide.label)} "
             f"by more than {st.min_gain_sds:g} of its seeds' standard deviations, and it loses at most "
             f"{st.max_psnr_drop:g} dB PSNR-Y to the SRResNet (study.min_gain_sds, study.max_psnr_drop).</p>"
-            f"<table><thead><tr><th>arm</th><th>seeds</th><th>D accuracy per seed</th><th>gain vs control</th>"
+            f"<table><thead><tr><th>arm</th><th>its params</th><th>seeds</th><th>D accuracy per seed</th>"
+            f"<th>gain vs control</th>"
             f"<th>{st.min_gain_sds:g} SD</th><th>PSNR-Y drop (dB)</th><th>criterion</th></tr></thead>"
             f"<tbody>{body}</tbody></table>")
 
@@ -662,7 +681,7 @@ def write_report(cfg: Config, rows: Sequence[Mapping[str, Any]], out_dir: Path, 
                        cfg.study.crop_images, cfg.study.crop_size) if rows else []
     crit = criterion(cfg, rows, sets[0]) if rows else {}
     record = {"study": study_id, "seconds": seconds, "verdict": text, "budget": budget, "stopped": dict(stopped or {}),
-              "criterion": crit,
+              "criterion": crit, "arm_params": arm_settings(rows),
               "analysis": {a: {s: {m: c.as_dict() for m, c in pm.items()} for s, pm in ps.items()}
                            for a, ps in analysis.items()},
               "runs": flat, "mos": mos}
@@ -674,7 +693,7 @@ def write_report(cfg: Config, rows: Sequence[Mapping[str, Any]], out_dir: Path, 
              + (f"; {seconds / 60:.1f} min" if seconds else "") + ".</p>",
              f"<h2 id=verdict>Verdict</h2><p id=verdict-text>{html.escape(text)}</p>"]
     if crit:
-        parts.append(criterion_table(crit, cfg))
+        parts.append(criterion_table(crit, cfg, arm_settings(rows)))
     if stopped:
         parts.append("<details><summary>Why each arm stopped adding seeds</summary><ul>" + "".join(
             f"<li>{html.escape(a)}: {html.escape(w)}</li>" for a, w in sorted(stopped.items())) + "</ul></details>")
