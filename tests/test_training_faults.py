@@ -28,6 +28,13 @@ def _pretrain_cmd(params: Path, processed: Path, tmp_path: Path) -> list[str]:
             "--checkpoints", str(tmp_path / "models" / "checkpoints"), "--reports", str(tmp_path / "reports")]
 
 
+def _start_pretrain(params: Path, processed: Path, tmp_path: Path, mlflow_uri: str) -> subprocess.Popen:
+    """The pretrain stage in the background, its output (stdout and stderr) piped as text."""
+    return subprocess.Popen(_pretrain_cmd(params, processed, tmp_path),
+                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def _logged_steps(tmp_path: Path) -> int:
     """The last step in the stage's history.csv (0 before the first log)."""
     rows = dataio.read_csv(tmp_path / "reports" / "history.csv")
@@ -80,9 +87,7 @@ def test_sigterm_during_pretrain_ends_the_run_killed_with_one_line(processed_dir
     """Issue 28 item 7: SIGTERM ended the process at once with nothing printed and left the run RUNNING."""
     params = write_params(tmp_path / "params.yaml", **{
         "pretrain.steps": 100_000, "train.checkpoint_every": 5, "train.log_every": 5, "train.val_every": 100_000})
-    proc = subprocess.Popen(_pretrain_cmd(params, processed_dir, tmp_path),
-                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _start_pretrain(params, processed_dir, tmp_path, mlflow_uri)
     try:
         _wait_for_step(proc, tmp_path, 10)
         proc.send_signal(signal.SIGTERM)
@@ -108,9 +113,7 @@ def test_a_30_s_lock_mid_run_is_waited_out_with_a_message(processed_dir, mlflow_
     db = Path(mlflow_uri.removeprefix("sqlite:///"))
     params = write_params(tmp_path / "params.yaml", **{
         "pretrain.steps": 80, "train.checkpoint_every": 10, "train.log_every": 2, "train.val_every": 1000})
-    proc = subprocess.Popen(_pretrain_cmd(params, processed_dir, tmp_path),
-                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _start_pretrain(params, processed_dir, tmp_path, mlflow_uri)
     try:
         _wait_for_step(proc, tmp_path, 40)
         with locked(db):

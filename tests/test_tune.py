@@ -48,13 +48,15 @@ def _study(tmp_path):
 
 
 @pytest.mark.slow
-def test_tune_runs_nested_trials_and_a_second_call_adds_to_the_study(processed, mlflow_uri, tmp_path):
+def test_tune_runs_nested_trials_and_a_second_call_with_two_workers_adds_to_the_study(processed, mlflow_uri, tmp_path):
     _tune(tmp_path, processed, mlflow_uri, "--n-trials", "2")
     assert len(_study(tmp_path).trials) == 2
-    _tune(tmp_path, processed, mlflow_uri, "--n-trials", "1")
+    # a second call adds to the study, here from two worker processes sharing it
+    _tune(tmp_path, processed, mlflow_uri, "--n-trials", "2", "--workers", "2")
     study = _study(tmp_path)
-    assert [t.number for t in study.trials] == [0, 1, 2]
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    assert len({t.user_attrs["worker"] for t in study.trials[2:]}) == 2  # one trial from each process
     # the first trial is params.yaml's own values: the baseline every other trial is judged against
     cfg = tiny_config()
     assert study.trials[0].user_attrs.get(tune.BASELINE_ATTR) and not study.trials[1].user_attrs.get(tune.BASELINE_ATTR)
@@ -64,8 +66,10 @@ def test_tune_runs_nested_trials_and_a_second_call_adds_to_the_study(processed, 
     runs = tracking.search_runs("srgan")
     parents = [r for r in runs if r["tags"].get("kind") == "tune"]
     children = [r for r in runs if "mlflow.parentRunId" in r["tags"]]
-    assert len(parents) == 2 and len(children) == 3
+    assert len(parents) == 2 and len(children) == 4
     assert {c["tags"]["mlflow.parentRunId"] for c in children} == {p["run_id"] for p in parents}
+    # the two workers' trials are nested under their call's one parent run
+    assert len({c["tags"]["mlflow.parentRunId"] for c in children if c["tags"]["optuna.trial"] in ("2", "3")}) == 1
     for c in children:
         trial = study.trials[int(c["tags"]["optuna.trial"])]
         assert c["tags"]["optuna.state"] == trial.state.name.lower()
@@ -77,7 +81,7 @@ def test_tune_runs_nested_trials_and_a_second_call_adds_to_the_study(processed, 
     assert set(best["params"]) == {"loss.w_mse", "loss.w_vgg", "loss.w_adv", "adv.loss"}
     # (trial 0 is one of the pruner's start-up trials: never pruned)
     assert best["baseline"]["trial"] == 0 and set(best["baseline"]["objective"]) == {"psnr_y"}
-    assert (tmp_path / "tune" / "trials.csv").read_text().count("\n") == 4
+    assert (tmp_path / "tune" / "trials.csv").read_text().count("\n") == 5
     assert (tmp_path / "tune" / "history.png").stat().st_size > 1000
     assert (tmp_path / "tune" / "importances.png").exists()
 
@@ -169,20 +173,6 @@ def test_killed_tune_resumes_without_losing_or_repeating_finished_trials(process
     retried = [t for t in after if t.user_attrs.get("retry_of") == cut[0].number]
     assert len(retried) == 1 and retried[0].params == cut[0].params and retried[0].state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in after) == len(finished) + 2
-
-
-@pytest.mark.slow
-def test_two_workers_share_one_study(processed, mlflow_uri, tmp_path):
-    _tune(tmp_path, processed, mlflow_uri, "--n-trials", "2", "--workers", "2",
-          params=_params(tmp_path, **{"tune.pruner": "none"}))
-    trials = _study(tmp_path).trials
-    assert len(trials) == 2 and all(t.state.name == "COMPLETE" for t in trials)
-    workers = {t.user_attrs["worker"] for t in trials}
-    assert len(workers) == 2, workers  # one trial from each process
-    parents = [r for r in tracking.search_runs("srgan") if r["tags"].get("kind") == "tune"]
-    children = [r for r in tracking.search_runs("srgan") if "optuna.trial" in r["tags"]]
-    assert len(parents) == 1 and len(children) == 2
-    assert all(c["tags"]["mlflow.parentRunId"] == parents[0]["run_id"] for c in children)
 
 
 def test_apply_best_params_keeps_comments(tmp_path):
