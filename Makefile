@@ -45,8 +45,8 @@ TEST_WORKERS ?= auto
 test: setup sysdeps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
-test-fast: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow"
+test-fast: setup  # unit tests have no costly shared fixtures: spread them test by test
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load -m "not slow"
 
 bench: setup
 	$(BIN)/python src/bench.py $(if $(wildcard $(TORCH_VENV)/bin/python),--torch-python $(TORCH_VENV)/bin/python)

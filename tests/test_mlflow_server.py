@@ -127,6 +127,7 @@ def test_make_mlflow_server_command_serves_runs_and_artifacts(tmp_path, monkeypa
         assert open(note).read() == "hello"
 
 
+@pytest.mark.slow  # several processes
 def test_runs_logging_one_dataset_at_once_all_record_it(tmp_path, monkeypatch, restore_mlflow_uri):
     """Tuning workers on one server log the same training set at the same moment: MLflow looks the
     dataset up and then inserts it, so without a retry all but one fail with a UNIQUE violation

@@ -231,6 +231,7 @@ print((peak_rss() - before) / data_bytes)
 """
 
 
+@pytest.mark.slow  # several processes
 def test_cached_crops_are_held_once(tmp_path):
     """Decoding the crops into memory costs about their own size at the peak, not two or three
     copies (NumPy list + stack + a tensor that tf.data copies again: 3.3x measured before)."""

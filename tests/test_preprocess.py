@@ -306,6 +306,7 @@ def test_stage_script_and_one_line_errors(tmp_path):
         f"error: {params}: preprocess.scale: 5 is not allowed; allowed values: 2, 3, 4"]
 
 
+@pytest.mark.slow  # several processes
 def test_output_bytes_are_the_same_in_every_process(tmp_path):
     """Two runs in two processes write byte-identical outputs (protobuf map order is per process
     unless serialised deterministically), so DVC sees unchanged data and re-trains nothing."""

@@ -168,6 +168,7 @@ def test_copied_project_logs_into_the_copy(tmp_path, monkeypatch, restore_mlflow
     assert tracking.download_model(old.run_id, tmp_path / "dl").read_bytes() == fake_model.read_bytes()
 
 
+@pytest.mark.slow  # several processes
 def test_compare_promote_sets_the_champion_by_a_lower_is_better_metric(tmp_path, mlflow_uri, restore_mlflow_uri):
     """``python src/compare.py --promote eval/valid/niqe`` as the README runs it after a study (here
     without one): the lower NIQE wins; an unknown metric is one line naming it, exit status 1."""
