@@ -260,6 +260,7 @@ def criterion(cfg: Config, rows: Sequence[Mapping[str, Any]], set_name: str) -> 
     st = cfg.study
     decide = metrics.get(st.decide_by)
     archs = sorted({r["arch"] for r in rows})
+    sign = 1.0 if decide.higher_is_better else -1.0
     out: dict[str, dict[str, Any]] = {}
 
     def per_run(runs: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:
@@ -274,7 +275,6 @@ def criterion(cfg: Config, rows: Sequence[Mapping[str, Any]], set_name: str) -> 
             runs = [r for r in mine if r["loss"] == loss]
             d_acc, score = per_run(runs, "d_acc"), per_run(runs, decide.name)
             distortion = per_run(runs, CRITERION_DISTORTION)
-            sign = 1.0 if decide.higher_is_better else -1.0
             gain = sign * (score.mean() - control.mean()) if len(score) and len(control) else float("nan")
             sd = float(score.std(ddof=1)) if len(score) > 1 else float("nan")
             drop = srresnet - distortion.mean() if srresnet is not None and len(distortion) else float("nan")
@@ -285,7 +285,7 @@ def criterion(cfg: Config, rows: Sequence[Mapping[str, Any]], set_name: str) -> 
                 fails.append(f"{decide.label} gain not above {st.min_gain_sds:g} SD")
             if not drop <= st.max_psnr_drop:
                 fails.append(f"loses more than {st.max_psnr_drop:g} dB {CRITERION_DISTORTION} to the SRResNet")
-            out[arm_name(loss, arch, st.archs)] = {
+            out[arm_name(loss, arch, archs)] = {  # the runs' architectures: a rebuilt report's, not today's
                 "seeds": len(runs), "d_acc": [round(float(v), 3) for v in d_acc], "gain": float(gain),
                 "sd": sd, "psnr_drop": float(drop), "fails": fails, "met": not fails}
     return out
@@ -300,9 +300,10 @@ def arm_settings(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, str]]
     runs' logged params; the ones the study sets per experiment are left out."""
     varying = {k for r in rows for k in r.get("params", {}) if k not in STUDY_SETS
                and len({q.get("params", {}).get(k) for q in rows}) > 1}
+    archs = sorted({q["arch"] for q in rows})
     out: dict[str, dict[str, str]] = {}
     for r in rows:
-        arm = arm_name(r["loss"], r["arch"], sorted({q["arch"] for q in rows}))
+        arm = arm_name(r["loss"], r["arch"], archs)
         out.setdefault(arm, {}).update({k: r["params"][k] for k in sorted(varying) if k in r["params"]})
     return out
 
