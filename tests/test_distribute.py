@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent("""
             results[name] = {"error": str(exc)}
             continue
         results[name] = {"replicas": trainer.replicas, "rows": pre.rows, "gan_rows": gan.rows, "val": result.val,
-                         "weights": [w.numpy().tolist() for w in trainer.G.weights + trainer.D.weights]}
+                         "weights": [w.numpy().tolist() for w in trainer.G.weights + trainer.D.weights + trainer.generator.weights]}
     with open(out, "w") as f:
         json.dump(results, f)
 """)
@@ -73,7 +73,7 @@ def _cfg(**overrides):
     return tiny_config(**{
         "model.discriminator.batch_norm": False, "adv.loss": "least_squares", "loss.w_vgg": 0.01,
         "train.batch_size": 4, "pretrain.steps": 3, "gan.steps": 3, "train.log_every": 1,
-        "train.val_every": 6, "train.val_images": 1,
+        "train.val_every": 6, "train.val_images": 1, "gan.ema_decay": 0.5,  # the average is updated across replicas
         # the float32 round-off these tolerances assume (auto picks bf16 on AVX512-BF16/AMX CPUs)
         "train.precision": "float32", **overrides}).to_dict()
 

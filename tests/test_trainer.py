@@ -311,6 +311,49 @@ def test_control_arm_trains_g_without_a_discriminator(processed_dir):
     assert "val_psnr_y" in val and not any(k.startswith("val_d_") for k in val)
 
 
+def test_generator_average_is_what_validation_and_export_see_and_resume_restores(processed_dir, tmp_path):
+    """gan.ema_decay: after each step G_ema = d * G_ema + (1 - d) * G; validation scores it, export
+    saves it, a checkpoint holds it; with 0 there is no average and G itself is the generator."""
+    import tensorflow as tf
+
+    from srgan import models
+    from srgan.state import TrainState
+    from srgan.trainer import Trainer, prepare_runtime
+
+    assert Trainer(tiny_config(), "gan", prepare_runtime(tiny_config(), "gan")).G_ema is None
+    d = 0.9
+    cfg = tiny_config(**{"gan.ema_decay": d})
+    rt = prepare_runtime(cfg, "gan")
+    gan = Trainer(cfg, "gan", rt)
+    assert gan.generator is gan.G_ema
+    start = [w.numpy().copy() for w in gan.G.trainable_variables]
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(start, gan.G_ema.trainable_variables))
+    lr, hr = tf.random.uniform((4, 4, 4, 3), seed=1), tf.random.uniform((4, 16, 16, 3), seed=2)
+    expect = start
+    for _ in range(3):
+        gan.gan_step((lr, hr))
+        expect = [d * e + (1 - d) * w.numpy() for e, w in zip(expect, gan.G.trainable_variables)]
+    got = [w.numpy() for w in gan.G_ema.trainable_variables]
+    assert all(np.allclose(e, g, atol=1e-6) for e, g in zip(expect, got))
+    assert any(not np.allclose(g, w.numpy()) for g, w in zip(got, gan.G.trainable_variables))  # an average, not G
+    # export saves the average
+    saved = models.load_generator(gan.export_generator(tmp_path / "g.keras"))
+    assert all(np.array_equal(a, b) for a, b in zip(saved.get_weights(), gan.G_ema.get_weights()))
+    # validation scores the average: the same figures as a generator holding only those weights
+    pairs = images.load_pairs(processed_dir / "valid", limit=1)
+    val, _ = gan.validate(pairs)
+    plain = Trainer(tiny_config(), "gan", prepare_runtime(tiny_config(), "gan"))
+    plain.G.set_weights(gan.G_ema.get_weights())
+    plain.D.set_weights(gan.D.get_weights())
+    assert val["val_psnr_y"] == pytest.approx(plain.validate(pairs)[0]["val_psnr_y"], abs=1e-9)
+    # a checkpoint holds it: a new trainer resumes with the average, not with G's weights
+    state = TrainState(tmp_path, "gan", "e" * 64)
+    state.save(gan, 3)
+    again = Trainer(cfg, "gan", rt)
+    assert TrainState(tmp_path, "gan", "e" * 64).restore(again) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(again.G_ema.get_weights(), gan.G_ema.get_weights()))
+
+
 def test_d_learning_rate_is_its_own(processed_dir):
     """gan.d_lr (TTUR): D's optimizer follows the same schedule from its own rate."""
     from srgan.trainer import Trainer, prepare_runtime

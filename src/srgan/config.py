@@ -231,10 +231,12 @@ class PretrainConfig(PhaseConfig):
 class GanConfig(PhaseConfig):
     """The adversarial phase; its own seed, so the loss study varies D's initialisation and the
     batch order while every experiment starts from the one SRResNet. ``lr`` is G's learning rate,
-    ``d_lr`` D's (two time-scale update rule, Heusel et al. 2017), on the same schedule."""
+    ``d_lr`` D's (two time-scale update rule, Heusel et al. 2017), on the same schedule;
+    ``ema_decay`` > 0 validates and exports an exponential moving average of G's weights."""
 
     seed: NonNegInt
     d_lr: PosFloat
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 EVAL_SETS = ("valid", "set5", "set14", "bsd100", "urban100", "manga109", "div2k_valid")

@@ -222,11 +222,18 @@ class Trainer:
                 self.opt_pre.build(self.G.trainable_variables)
                 objects["opt_pretrain"] = self.opt_pre
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            # built last, so every other network's initialisation is the same with or without it
+            self.G_ema = (models.build_generator(cfg.model.generator, self.scale)
+                          if phase == "gan" and cfg.gan.ema_decay > 0 else None)
+            if self.G_ema is not None:
+                objects["generator_ema"] = self.G_ema
         if init_generator is not None:
             self.load_generator_weights(init_generator)
+        if self.G_ema is not None:
+            self.G_ema.set_weights(self.G.get_weights())
         self.checkpoint = tf.train.Checkpoint(step=self.step, **objects)
         if phase == "gan":
-            self.gan_step = self._compile(self._gan_replica)
+            self.gan_step = self._compile(self._gan_replica, self._update_ema if self.G_ema is not None else None)
             # a D-only update (the benchmark times it); the control arm has no D to update
             self.d_step = self._compile(self._d_replica) if self.D is not None else None
         else:
@@ -246,7 +253,8 @@ class Trainer:
         """The generator's optimizer of this phase (its learning rate is logged)."""
         return self.opt_g if self.phase == "gan" else self.opt_pre
 
-    def _compile(self, replica_fn: Callable) -> Callable:
+    def _compile(self, replica_fn: Callable, after: Callable[[], None] | None = None) -> Callable:
+        """``replica_fn`` on every replica, then ``after`` once in cross-replica context."""
         import tensorflow as tf
 
         strategy = self.strategy
@@ -254,7 +262,10 @@ class Trainer:
         def step_fn(batch):
             per_replica = strategy.run(replica_fn, args=batch)
             # every part is already divided by the replica count: SUM gives the global-batch mean
-            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+            out = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+            if after is not None:
+                after()
+            return out
 
         return tf.function(step_fn, jit_compile=self.cfg.train.jit_compile, reduce_retracing=True)
 
@@ -341,6 +352,22 @@ class Trainer:
         self.opt_g.apply_gradients(zip(g_grads, self.G.trainable_variables))
         return {"g_total": g_total, **{f"g_{k}": v * inv for k, v in parts.items()}, **out}
 
+    def _update_ema(self) -> None:
+        """G_ema <- decay * G_ema + (1 - decay) * G for the weights G learns; the others (batch-norm
+        statistics) are copied, as BasicSR's model_ema does. Cross-replica context: every replica holds
+        the same synchronised G, and the assignment updates every replica's copy."""
+        d = self.cfg.gan.ema_decay
+        for avg, w in zip(self.G_ema.trainable_variables, self.G.trainable_variables):
+            avg.assign(d * avg + (1.0 - d) * w)
+        for avg, w in zip(self.G_ema.non_trainable_variables, self.G.non_trainable_variables):
+            avg.assign(w)
+
+    @property
+    def generator(self) -> Any:
+        """The generator this phase validates and exports: G's moving average (``gan.ema_decay`` > 0)
+        or G itself."""
+        return self.G_ema if self.G_ema is not None else self.G
+
     # -- generator in and out ------------------------------------------------------------------
     def load_generator_weights(self, path: Path) -> None:
         """Set G's weights from a saved generator of the same architecture (model.generator)."""
@@ -362,10 +389,10 @@ class Trainer:
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
     def export_generator(self, path: Path) -> Path:
-        """Save the generator as a .keras file atomically."""
+        """Save the phase's generator (:attr:`generator`) as a .keras file atomically."""
         from . import models
 
-        return models.save_generator(self.G, path)
+        return models.save_generator(self.generator, path)
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self, pairs: Sequence[Pair]) -> tuple[dict[str, float], np.ndarray | None]:
@@ -375,7 +402,7 @@ class Trainer:
         from . import images, inference, metrics, models, viz
 
         ev = self.cfg.evaluate
-        generator = self.G if self.runtime.precision == "float32" else models.float32_copy(self.G)
+        generator = self.generator if self.runtime.precision == "float32" else models.float32_copy(self.generator)
         rows, outputs, grid = [], [], None
         for i, p in enumerate(pairs):
             sr = inference.upscale(generator, p.lr, self.scale, tile=ev.tile, overlap=ev.tile_overlap)
