@@ -79,15 +79,16 @@ def plan(cfg: Config, study_id: str, seeds: Mapping[str, Sequence[int]] | None =
     study.seeds); each objective's ``study.arm_params``, then ``tuned``: arm -> the params its tuning
     chose (study.tune_trials)."""
     st = cfg.study
+    loss_key, seed_key, arch_key = STUDY_SETS
     out = []
     for arch in st.archs:
         for loss in st.losses:
             arm = arm_name(loss, arch, st.archs)
             for seed in (seeds or {}).get(arm, st.seeds):
                 over: dict[str, Any] = {**st.arm_params.get(loss, {}), **(tuned or {}).get(arm, {}),
-                                        "adv.loss": loss, "gan.seed": seed}
+                                        loss_key: loss, seed_key: seed}
                 if arch != cfg.model.generator.arch:
-                    over["model.generator.arch"] = arch
+                    over[arch_key] = arch
                 out.append(Experiment(f"{study_id}-{arch}-{loss}-s{seed}", loss, seed, arch, over))
     return out
 
