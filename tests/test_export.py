@@ -267,6 +267,24 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           check=False, capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.fixture
+def cli_here(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """src/export.py's ``main`` in this process (TensorFlow already loaded, so no start-up per call),
+    for the failures: its exit code and everything written to stdout/stderr, native output included."""
+    import export as export_script  # src/ is on the test path
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as stopped:
+            export_script.main(list(args))
+        out = capfd.readouterr()
+        return subprocess.CompletedProcess(args, stopped.value.code, out.out, out.err)
+
+    return run
+
+
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -275,23 +293,23 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def test_cli_bad_model_path(tmp_path: Path) -> None:
-    line = _one_error_line(_cli("--model", str(tmp_path / "nope.keras"), "--format", "onnx",
-                                "--out", str(tmp_path / "out")))
+def test_cli_bad_model_path(tmp_path: Path, cli_here) -> None:
+    line = _one_error_line(cli_here("--model", str(tmp_path / "nope.keras"), "--format", "onnx",
+                                     "--out", str(tmp_path / "out")))
     assert line == f"error: generator {tmp_path / 'nope.keras'} not found"
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_unknown_format(plain: Path, tmp_path: Path) -> None:
-    line = _one_error_line(_cli("--model", str(plain), "--format", "tflite", "--out", str(tmp_path / "out")))
+def test_cli_unknown_format(plain: Path, tmp_path: Path, cli_here) -> None:
+    line = _one_error_line(cli_here("--model", str(plain), "--format", "tflite", "--out", str(tmp_path / "out")))
     assert line == "error: unknown format 'tflite'; choose one of: savedmodel, onnx, litert"
 
 
-def test_cli_corrupt_model(tmp_path: Path) -> None:
+def test_cli_corrupt_model(tmp_path: Path, cli_here) -> None:
     bad = tmp_path / "g.keras"
     bad.write_bytes(b"not a keras archive")
-    line = _one_error_line(_cli("--model", str(bad), "--format", "savedmodel",
-                                "--out", str(tmp_path / "out")))
+    line = _one_error_line(cli_here("--model", str(bad), "--format", "savedmodel",
+                                     "--out", str(tmp_path / "out")))
     assert line.startswith(f"error: cannot load generator {bad}: ")
     assert not (tmp_path / "out").exists()
 
@@ -374,9 +392,10 @@ def same_size(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                  tmp_path_factory.mktemp("x1") / "x1.keras")
 
 
-def test_cli_a_classifier_is_one_error_line(classifier: Path, tmp_path: Path) -> None:
+def test_cli_a_classifier_is_one_error_line(classifier: Path, tmp_path: Path, cli_here) -> None:
     """It printed a 33-line traceback although the help promises one `error:` line."""
-    line = _one_error_line(_cli("--model", str(classifier), "--format", "savedmodel", "--out", str(tmp_path / "o")))
+    line = _one_error_line(cli_here("--model", str(classifier), "--format", "savedmodel",
+                                     "--out", str(tmp_path / "o")))
     assert "not a generator" in line and "(10,)" in line, line
     assert not (tmp_path / "o").exists()
 

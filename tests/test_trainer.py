@@ -320,7 +320,6 @@ def test_generator_average_is_what_validation_and_export_see_and_resume_restores
     from srgan.state import TrainState
     from srgan.trainer import Trainer, prepare_runtime
 
-    assert Trainer(tiny_config(), "gan", prepare_runtime(tiny_config(), "gan")).G_ema is None
     d = 0.9
     cfg = tiny_config(**{"gan.ema_decay": d})
     rt = prepare_runtime(cfg, "gan")
@@ -343,6 +342,7 @@ def test_generator_average_is_what_validation_and_export_see_and_resume_restores
     pairs = images.load_pairs(processed_dir / "valid", limit=1)
     val, _ = gan.validate(pairs)
     plain = Trainer(tiny_config(), "gan", prepare_runtime(tiny_config(), "gan"))
+    assert plain.G_ema is None and plain.generator is plain.G  # gan.ema_decay: 0
     plain.G.set_weights(gan.G_ema.get_weights())
     plain.D.set_weights(gan.D.get_weights())
     assert val["val_psnr_y"] == pytest.approx(plain.validate(pairs)[0]["val_psnr_y"], abs=1e-9)
