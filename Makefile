@@ -43,7 +43,7 @@ sysdeps:
 # so its shared fixtures are built once); TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= auto
 test: setup sysdeps
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=10
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=10
 
 test-fast: setup  # unit tests have no costly shared fixtures: spread them test by test
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load -m "not slow"

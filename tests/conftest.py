@@ -35,7 +35,8 @@ TINY = {
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Files with the most end-to-end (slow) tests first, keeping the order inside each file: with
     ``make test``'s --dist loadscope a file is one unit of work, and the longest ones started last
-    would leave the other worker idle at the end (alphabetically, the tune and training files are)."""
+    leave the other worker idle at the end. (xdist's own reorder, off in the Makefile, puts the files
+    with the most tests first: unit files, so the few-test pipeline files came last.)"""
     slow: dict[str, int] = {}
     for item in items:
         slow[item.module.__name__] = slow.get(item.module.__name__, 0) + (item.get_closest_marker("slow") is not None)

@@ -200,3 +200,36 @@ def test_compare_promote_sets_the_champion_by_a_lower_is_better_metric(tmp_path,
     assert mlflow.MlflowClient().get_model_version_by_alias(tracking.DEFAULT_MODEL_NAME, tracking.CHAMPION).run_id == runs[1]
     nothing = compare()
     assert nothing.returncode == 1 and "no study yet" in nothing.stderr
+
+
+def test_a_signal_during_a_store_call_takes_effect_right_after_it():
+    """SIGTERM raised inside an MLflow store call skipped MLflow's rollback (it catches Exception),
+    left sqlite's write lock held and the killed run hung closing itself: every store call now holds
+    Ctrl-C/SIGTERM until it returns, then they act as usual."""
+    import os
+    import signal
+    import time
+
+    from srgan.tracking import store
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        finished = []
+        with pytest.raises(Stop):
+            with store.signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # delivered meanwhile: unheld, Stop would be raised here
+                finished.append("the call")
+        assert finished == ["the call"]
+        assert signal.getsignal(signal.SIGTERM) is stop  # the handler is back
+        with store.signals_held():  # and a block without a signal raises nothing
+            finished.append("again")
+        assert finished == ["the call", "again"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -23,6 +23,8 @@ import fcntl
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -166,6 +168,29 @@ for _name in ("mlflow.store.db.utils", "mlflow.system_metrics.system_metrics_mon
     logging.getLogger(_name).addFilter(_LockReported())
 
 
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive during the block take effect right after it (main thread).
+    Raised inside one of MLflow's store calls, their KeyboardInterrupt-like exceptions pass MLflow's
+    ``except Exception`` rollback, so the process kept sqlite's write lock and then waited on itself
+    to close the run (a killed training hung instead of ending KILLED)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)  # delivered to the restored handler now
+
+
 def _store_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` against the tracking store: a locked sqlite store is waited for (one
     message, up to :func:`lock_wait_s` after MLflow's own timeout), and a store that cannot be used
@@ -175,7 +200,8 @@ def _store_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     waited_since: float | None = None
     while True:
         try:
-            result = fn(*args, **kwargs)
+            with signals_held():
+                result = fn(*args, **kwargs)
         except Exception as exc:  # MLflow and SQLAlchemy raise several types for these
             if db is None:
                 raise
