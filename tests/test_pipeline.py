@@ -260,7 +260,9 @@ def test_cached_crops_are_held_once(tmp_path):
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(shards), str(data_bytes)], capture_output=True,
                          text=True, check=True, env={**__import__("os").environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     growth = float(out.stdout.strip().splitlines()[-1])
-    assert 0.9 < growth < 1.6, f"peak memory grew by {growth:.2f}x the crops' size"
+    # the claim is the upper bound (one copy); the lower one only shows the crops were cached: RSS can
+    # lose clean library pages meanwhile when the machine is busy (0.82 in a CI run beside a study)
+    assert 0.5 < growth < 1.6, f"peak memory grew by {growth:.2f}x the crops' size"
 
 
 @pytest.mark.parametrize("counts, cycle", [([5, 0, 3, 7, 1, 4], 3), ([2, 9, 4], 8), ([6], 8), ([1, 1, 0, 2], 1)])
