@@ -55,7 +55,8 @@ ADV_LOSSES = ("minimax", "modified", "least_squares", "wasserstein_gp", "hinge",
 # The control arm: the same adversarial phase (pixel + VGG terms, same steps, seeds and data) with
 # no adversarial term and no discriminator, so every objective's effect is measured against it.
 NO_ADVERSARIAL = "none"
-STUDY_SETS = ("adv.loss", "gan.seed", "model.generator.arch")  # what the study sets per experiment (this order: objective, seed, arch)
+# what the study sets per experiment, in this order: objective, seed, generator arch
+STUDY_SETS = ("adv.loss", "gan.seed", "model.generator.arch")
 Objective = Literal[ADV_LOSSES]  # type: ignore[valid-type]
 AdvLoss = Literal[(*ADV_LOSSES, NO_ADVERSARIAL)]  # type: ignore[valid-type]
 Schedule = Literal["constant", "step", "cosine"]
