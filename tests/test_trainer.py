@@ -287,6 +287,11 @@ def test_public_steps_return_their_loss_parts(processed_dir):
     parts = gan.gan_step((lr, hr))
     assert {"g_total", "g_mse", "g_vgg", "g_adv", "d_loss", "d_real", "d_fake"} <= set(parts)
     assert all(np.isfinite(float(v)) for v in parts.values())
+    # adv.r1_weight > 0 adds the R1 penalty to D's loss, for any objective, and logs it
+    r1 = Trainer(tiny_config(**{"adv.r1_weight": 1.0, "adv.loss": "relativistic_average"}), "gan", rt)
+    assert set(r1.d_step((lr, hr))) == {"d_loss", "d_gp", "d_r1"}
+    parts = r1.gan_step((lr, hr))
+    assert float(parts["d_r1"]) > 0 and float(parts["d_gp"]) == 0 and np.isfinite(float(parts["d_loss"]))
 
 
 def test_control_arm_trains_g_without_a_discriminator(processed_dir):

@@ -192,6 +192,7 @@ class VggConfig(Section):
 class AdvConfig(Section):
     loss: AdvLoss
     gp_weight: NonNegFloat
+    r1_weight: NonNegFloat
     label_smoothing: Annotated[float, Field(ge=0.0, le=0.5)]
 
 

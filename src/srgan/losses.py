@@ -281,6 +281,24 @@ def gradient_penalty(discriminator: keras.Model, real, fake, seed_or_rng):
     return tf.reduce_mean(tf.square(norms - 1.0))
 
 
+def r1_penalty(discriminator: keras.Model, real, fake):
+    """R1 penalty mean(||grad_x D(x)||_2^2) over the real images (Mescheder et al. 2018), unweighted:
+    the trainer adds ``cfg.adv.r1_weight / 2 * r1_penalty(...)`` to D's loss, for any objective.
+
+    D sees real and fake as one batch, as in its training step (batch norm then normalises with the
+    mix's statistics, see ``Trainer._discriminate``); the gradient is taken w.r.t. the real half.
+    Call it inside the trainer's GradientTape: the inner gradient stays differentiable.
+    """
+    real = tf.cast(real, tf.float32)
+    fake = tf.cast(fake, tf.float32)
+    n = tf.shape(real)[0]
+    with tf.GradientTape() as tape:
+        tape.watch(real)
+        scores = tf.cast(discriminator(tf.concat([real, fake], axis=0), training=True), tf.float32)[:n]
+    grads = tape.gradient(scores, real)
+    return tf.reduce_mean(tf.reduce_sum(tf.square(grads), axis=list(range(1, len(real.shape)))))
+
+
 # --------------------------------------------------------------------------- total
 
 LOSS_PARTS = ("mse", "l1", "vgg", "adv")

@@ -288,11 +288,15 @@ class Trainer:
 
         from . import losses
 
-        d_adv = self.adv.d_loss(real, fake, label_smoothing=self.cfg.adv.label_smoothing)
-        gp = tf.constant(0.0)
+        acfg = self.cfg.adv
+        d_adv = self.adv.d_loss(real, fake, label_smoothing=acfg.label_smoothing)
+        pen = {"d_gp": tf.constant(0.0)}
         if self.adv.needs_gradient_penalty:
-            gp = losses.gradient_penalty(self.D, hr, tf.stop_gradient(sr), self.gp_rng)
-        return d_adv + self.cfg.adv.gp_weight * gp, gp
+            pen["d_gp"] = losses.gradient_penalty(self.D, hr, tf.stop_gradient(sr), self.gp_rng)
+        if acfg.r1_weight > 0:  # only then a part: the default's outputs stay as they were
+            pen["d_r1"] = losses.r1_penalty(self.D, hr, tf.stop_gradient(sr))
+        total = d_adv + acfg.gp_weight * pen["d_gp"] + acfg.r1_weight / 2 * pen.get("d_r1", 0.0)
+        return total, pen
 
     def _discriminate(self, hr, sr):
         """D's outputs on real and generated images, seen as one batch: batch-norm then normalises
@@ -314,11 +318,11 @@ class Trainer:
         sr = tf.stop_gradient(tf.cast(self.G(lr, training=False), tf.float32))
         with tf.GradientTape() as tape:
             real, fake = self._discriminate(hr, sr)
-            d_total, gp = self._d_losses(real, fake, hr, sr)
+            d_total, pen = self._d_losses(real, fake, hr, sr)
             d_total = d_total * inv
         grads = tape.gradient(d_total, self.D.trainable_variables)
         self.opt_d.apply_gradients(zip(grads, self.D.trainable_variables))
-        return {"d_loss": d_total, "d_gp": gp * inv}
+        return {"d_loss": d_total, **{k: v * inv for k, v in pen.items()}}
 
     def _gan_replica(self, lr, hr):
         import tensorflow as tf
@@ -337,10 +341,10 @@ class Trainer:
             )
             if self.D is not None:
                 real, fake = self._discriminate(hr, sr)
-                d_total, gp = self._d_losses(real, fake, hr, sr)
+                d_total, pen = self._d_losses(real, fake, hr, sr)
                 d_total = d_total * inv
                 parts["adv"] = self.adv.g_loss(real, fake)
-                out = {"d_loss": d_total, "d_gp": gp * inv,
+                out = {"d_loss": d_total, **{k: v * inv for k, v in pen.items()},
                        # D's belief that real / fake are real, as in TF-GAN's summaries
                        "d_real": tf.reduce_mean(tf.sigmoid(real)) * inv,
                        "d_fake": tf.reduce_mean(tf.sigmoid(fake)) * inv}
