@@ -217,3 +217,28 @@ def test_the_baseline_trial_is_the_config_inside_the_search_space_and_dominance_
     assert tune.dominates([28.1, 5.5], [28.1, 5.9], objectives)
     assert not tune.dominates([28.1, 5.9], [28.1, 5.9], objectives)  # equal: no better
     assert not tune.dominates([28.3, 6.0], [28.1, 5.9], objectives)  # a trade-off is not a win
+
+
+def test_best_of_a_pareto_front_is_one_that_beats_the_baseline_when_there_is_one():
+    """--apply takes best_params.yaml: with [psnr_y, niqe] it must not trade the baseline's NIQE for
+    PSNR when a trial beats the baseline on both (the front's best-PSNR trial need not)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    cfg = tiny_config(**{"tune.objectives": ["psnr_y", "niqe"]})
+    dist = {"w_adv": FloatDistribution(1e-4, 1e-2, log=True)}
+
+    def study_of(points):
+        study = optuna.create_study(directions=tune.directions(cfg))
+        for i, (psnr, niqe) in enumerate(points):
+            study.add_trial(optuna.trial.create_trial(values=[psnr, niqe], params={"w_adv": 1e-3 * (i + 1)},
+                                                      distributions=dist,
+                                                      user_attrs={tune.BASELINE_ATTR: True} if i == 0 else {}))
+        return study
+
+    base, top_psnr, both, top_niqe = (28.75, 6.15), (28.88, 6.43), (28.78, 6.12), (28.04, 5.83)
+    study = study_of([base, top_psnr, both, top_niqe])
+    assert tune.best_trial(study, cfg).number == 2
+    assert tune.baseline_outcome(study, cfg)["dominated_by"] == [2]
+    # none beats the baseline on both: the front's best on the first objective, as before
+    assert tune.best_trial(study_of([base, top_psnr, top_niqe]), cfg).number == 1

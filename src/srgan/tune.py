@@ -264,11 +264,16 @@ def run_study(cfg: Config, data: TrainData, study_name: str, storage_url: str | 
 
 
 def best_trial(study, cfg: Config):
-    """The best trial (single objective), or the Pareto-front trial best on the first objective."""
+    """The best trial (single objective); with several, the Pareto-front trial best on the first
+    objective among those that beat the baseline on every objective (what ``--apply`` can take
+    without giving anything up), or on the whole front when none does."""
     if len(cfg.tune.objectives) == 1:
         return study.best_trial
     sign = 1.0 if metrics.higher_is_better(cfg.tune.objectives[0]) else -1.0
-    return max(study.best_trials, key=lambda t: sign * t.values[0])
+    base = baseline_trial(study)
+    front = study.best_trials
+    better = [t for t in front if base is not None and dominates(t.values, base.values, cfg.tune.objectives)]
+    return max(better or front, key=lambda t: sign * t.values[0])
 
 
 def best_overrides(study, cfg: Config) -> dict[str, Any]:
@@ -282,12 +287,19 @@ def dominates(a: Sequence[float], b: Sequence[float], objectives: Sequence[str])
     return not any(m.better(y, x) for m, x, y in zip(ms, a, b)) and any(m.better(x, y) for m, x, y in zip(ms, a, b))
 
 
+def baseline_trial(study):
+    """The complete trial that ran params.yaml's own values, if there is one."""
+    from optuna.trial import TrialState
+
+    return next((t for t in study.trials if t.state == TrialState.COMPLETE and t.user_attrs.get(BASELINE_ATTR)), None)
+
+
 def baseline_outcome(study, cfg: Config) -> dict[str, Any] | None:
     """The baseline trial's values and the complete trials that beat it on every objective."""
     from optuna.trial import TrialState
 
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    base = next((t for t in complete if t.user_attrs.get(BASELINE_ATTR)), None)
+    base = baseline_trial(study)
     if base is None:
         return None
     objectives = cfg.tune.objectives
