@@ -219,6 +219,16 @@ def test_the_baseline_trial_is_the_config_inside_the_search_space_and_dominance_
     assert not tune.dominates([28.3, 6.0], [28.1, 5.9], objectives)  # a trade-off is not a win
 
 
+def test_a_trial_runs_the_phase_it_tunes_unless_told_otherwise():
+    import optuna
+
+    fixed = optuna.trial.FixedTrial({"w_mse": 1.0, "w_vgg": 0.1, "w_adv": 1e-3, "adv_loss": "hinge"})
+    cfg = tiny_config(**{"gan.steps": 7, "tune.gan_steps": 0})
+    assert tune.trial_steps(cfg) == 7 and tune.suggest(fixed, cfg).gan.steps == 7  # 0: gan.steps
+    cfg = tiny_config(**{"gan.steps": 7, "tune.gan_steps": 3})
+    assert tune.suggest(fixed, cfg).gan.steps == 3
+
+
 def test_best_of_a_pareto_front_is_one_that_beats_the_baseline_when_there_is_one():
     """--apply takes best_params.yaml: with [psnr_y, niqe] it must not trade the baseline's NIQE for
     PSNR when a trial beats the baseline on both (the front's best-PSNR trial need not)."""

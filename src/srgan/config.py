@@ -269,7 +269,7 @@ class TuneConfig(Section):
     [low, high] (log-uniform); an empty list leaves that param at its params.yaml value."""
 
     n_trials: PosInt
-    gan_steps: PosInt
+    gan_steps: NonNegInt  # 0: gan.steps (see trial_steps)
     report_every: PosInt
     objectives: list[str]
     pruner: Literal["none", "median", "hyperband"]

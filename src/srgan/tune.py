@@ -89,6 +89,11 @@ def make_sampler(cfg: Config, seed: int | None):
     return optuna.samplers.TPESampler(seed=seed)
 
 
+def trial_steps(cfg: Config) -> int:
+    """Adversarial steps per trial: ``tune.gan_steps``, or with 0 the phase being tuned (``gan.steps``)."""
+    return cfg.tune.gan_steps or cfg.gan.steps
+
+
 def make_pruner(cfg: Config):
     import optuna
 
@@ -96,7 +101,7 @@ def make_pruner(cfg: Config):
     if t.pruner == "none" or len(t.objectives) > 1:  # Optuna cannot prune multi-objective trials
         return optuna.pruners.NopPruner()
     if t.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=t.report_every, max_resource=t.gan_steps)
+        return optuna.pruners.HyperbandPruner(min_resource=t.report_every, max_resource=trial_steps(cfg))
     return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=t.report_every)
 
 
@@ -120,7 +125,7 @@ def suggest(trial, cfg: Config) -> Config:
     """The trial's config: the sampled params of the search space, the tune section's step budget."""
     t = cfg.tune
     over: dict[str, Any] = {
-        "gan.steps": t.gan_steps,
+        "gan.steps": trial_steps(cfg),
         "train.val_every": t.report_every,
         "train.log_every": min(cfg.train.log_every, t.report_every),
     }
