@@ -39,9 +39,11 @@ sysdeps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium postgresql >/dev/null; \
 	else echo "note: chromium/postgresql missing and not root: browser and PostgreSQL tests will be skipped"; fi
 
-# Test files run in parallel, one worker per core (pytest-xdist; a file's tests stay on one worker,
-# so its shared fixtures are built once); TEST_WORKERS=0 runs them in this process.
-TEST_WORKERS ?= auto
+# Test files run in parallel (pytest-xdist; a file's tests stay on one worker, so its shared fixtures
+# are built once), one worker more than the cores: several tests wait on servers, locks and child
+# processes, and a third worker filled that idle time on 2 cores (docs/MEASUREMENTS.md); TEST_WORKERS=0
+# runs them in this process.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 test: setup sysdeps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=10
 
