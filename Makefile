@@ -47,8 +47,10 @@ TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 test: setup sysdeps
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=10
 
-test-fast: setup  # unit tests have no costly shared fixtures: spread them test by test
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist load -m "not slow"
+# Unit tests are CPU-bound, with no costly shared fixtures: one worker per core, spread test by test.
+FAST_WORKERS ?= auto
+test-fast: setup
+	$(BIN)/python -m pytest -q -n $(FAST_WORKERS) --dist load -m "not slow"
 
 bench: setup
 	$(BIN)/python src/bench.py $(if $(wildcard $(TORCH_VENV)/bin/python),--torch-python $(TORCH_VENV)/bin/python)
