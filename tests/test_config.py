@@ -60,6 +60,7 @@ def test_training_runs_log_training_sections_only():
         ({"train.hr_patch": 512}, "train.hr_patch: 512 is larger than preprocess.hr_crop"),
         ({"tune.w_mse": [1.0]}, "tune.w_mse: [1.0] must be [low, high]"),
         ({"tune.losses": ["hinge", "nope"]}, "tune.losses[1]: 'nope' is not allowed"),
+        ({"tune.seeds": [42, 43, 42]}, "tune.seeds: [42, 43, 42] must list each seed once"),
         ({"data": 3}, "data: expected a mapping"),
     ],
 )

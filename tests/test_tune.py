@@ -87,6 +87,22 @@ def test_tune_runs_nested_trials_and_a_second_call_with_two_workers_adds_to_the_
 
 
 @pytest.mark.slow
+def test_a_trial_with_several_seeds_is_the_mean_of_one_run_per_seed(processed, mlflow_uri, tmp_path):
+    _tune(tmp_path, processed, mlflow_uri, "--n-trials", "1", params=_params(tmp_path, **{"tune.seeds": [3, 5]}))
+    trial = _study(tmp_path).trials[0]
+    runs = {r["params"]["gan.seed"]: r for r in tracking.search_runs("srgan") if "optuna.trial" in r["tags"]}
+    assert set(runs) == {"3", "5"}
+    assert trial.user_attrs["mlflow_run_ids"] == [runs["3"]["run_id"], runs["5"]["run_id"]]
+    by_seed = [runs[s]["metrics"]["val_psnr_y"] for s in ("3", "5")]
+    assert by_seed[0] != by_seed[1]  # the seeds trained different generators
+    assert trial.value == pytest.approx(sum(by_seed) / 2)
+    assert trial.user_attrs["psnr_y_by_seed"] == {"3": pytest.approx(by_seed[0], abs=1e-4),
+                                                  "5": pytest.approx(by_seed[1], abs=1e-4)}
+    assert {r["tags"]["optuna.state"] for r in runs.values()} == {"complete"}
+    assert {r["run_name"] for r in runs.values()} == {"trial-0-seed-3", "trial-0-seed-5"}
+
+
+@pytest.mark.slow
 def test_failed_trial_is_recorded_and_the_study_goes_on(processed, mlflow_uri, tmp_path):
     # a learning rate range that blows up the adversarial phase: every trial turns NaN
     params = _params(tmp_path, **{"tune.lr_gan": [1e29, 1e30], "tune.losses": ["least_squares"]})

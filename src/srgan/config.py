@@ -270,6 +270,7 @@ class TuneConfig(Section):
 
     n_trials: PosInt
     gan_steps: NonNegInt  # 0: gan.steps (see trial_steps)
+    seeds: list[NonNegInt]  # []: gan.seed alone (see trial_seeds)
     report_every: PosInt
     objectives: list[str]
     pruner: Literal["none", "median", "hyperband"]
@@ -293,6 +294,8 @@ class TuneConfig(Section):
             raise _error(f"tune.objectives: {self.objectives!r} must list metrics (e.g. psnr_y, niqe) once each")
         if not self.losses:
             raise _error("tune.losses: must name at least one adversarial loss")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise _error(f"tune.seeds: {self.seeds!r} must list each seed once")
         return self
 
 

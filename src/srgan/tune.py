@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from statistics import fmean
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,6 +93,12 @@ def make_sampler(cfg: Config, seed: int | None):
 def trial_steps(cfg: Config) -> int:
     """Adversarial steps per trial: ``tune.gan_steps``, or with 0 the phase being tuned (``gan.steps``)."""
     return cfg.tune.gan_steps or cfg.gan.steps
+
+
+def trial_seeds(cfg: Config) -> list[int]:
+    """``gan.seed`` of each of a trial's runs: ``tune.seeds``, or with [] ``gan.seed`` alone. Every
+    trial (the baseline too) runs the same seeds, so trials are compared seed for seed."""
+    return list(cfg.tune.seeds) or [cfg.gan.seed]
 
 
 def make_pruner(cfg: Config):
@@ -187,10 +194,12 @@ def recover_dead_trials(study) -> int:
 
 
 def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srresnet: Path, data_offset: int):
-    """The objective: train one trial config from the SRResNet, return validation PSNR-Y (and SSIM-Y)."""
+    """The objective: train the trial's config from the SRResNet once per seed of :func:`trial_seeds`,
+    return the mean over seeds of each of ``tune.objectives`` on validation."""
     import optuna
 
     single = len(cfg.tune.objectives) == 1
+    seeds = trial_seeds(cfg)
 
     def objective(trial: optuna.Trial):
         import keras
@@ -199,44 +208,53 @@ def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srre
         tcfg = suggest(trial, cfg)
         from .experiment import run_training
 
-        keras.backend.clear_session()  # free the previous trial's graphs
-        try:
-            run_id, result = run_training(
-                tcfg, "gan", data, callbacks=[PruningCallback(trial, list(cfg.tune.objectives))],
-                parent_run_id=parent_run_id, run_name=f"trial-{trial.number}",
-                extra_tags={"optuna.study": trial.study.study_name, "optuna.trial": trial.number,
-                            "optuna.worker": tracking.process_id()},
-                exception_status={optuna.TrialPruned: "KILLED"}, init_generator=srresnet, data_offset=data_offset,
-            )
-        except optuna.TrialPruned:
-            raise
-        except NonFiniteLossError as exc:
-            trial.set_user_attr("fail_reason", str(exc))
-            raise
-        trial.set_user_attr("mlflow_run_id", run_id)
+        runs: list[str] = []
+        vals: list[dict[str, float]] = []
+        for i, seed in enumerate(seeds):
+            keras.backend.clear_session()  # free the previous run's graphs
+            name = f"trial-{trial.number}" + (f"-seed-{seed}" if len(seeds) > 1 else "")
+            # the first seed's curve is the one the pruner compares (the same seed in every trial)
+            cbs = [PruningCallback(trial, list(cfg.tune.objectives))] if i == 0 else []
+            try:
+                run_id, result = run_training(
+                    replace(tcfg, {"gan.seed": seed}), "gan", data, callbacks=cbs,
+                    parent_run_id=parent_run_id, run_name=name,
+                    extra_tags={"optuna.study": trial.study.study_name, "optuna.trial": trial.number,
+                                "optuna.worker": tracking.process_id()},
+                    exception_status={optuna.TrialPruned: "KILLED"}, init_generator=srresnet, data_offset=data_offset,
+                )
+            except optuna.TrialPruned:
+                raise
+            except NonFiniteLossError as exc:
+                trial.set_user_attr("fail_reason", f"seed {seed}: {exc}")
+                raise
+            runs.append(run_id)
+            vals.append(result.val)
+            trial.set_user_attr("mlflow_run_ids", runs)
+        trial.set_user_attr("mlflow_run_id", runs[0])
         # whether D learned in this trial's budget (trials.csv, the report): a trial whose D stayed
         # at chance tuned weights of an adversarial term that taught nothing
         for name in ("d_acc", "d_auc"):
-            if metrics.val_key(name) in result.val:
-                trial.set_user_attr(name, round(result.val[metrics.val_key(name)], 4))
-        if metrics.val_key("d_acc") in result.val:
-            trial.set_user_attr("d_separates", bool(result.val[metrics.val_key("d_acc")] >= metrics.D_SEPARATES))
-        values = [result.val[objective_key(o)] for o in cfg.tune.objectives]
+            if all(metrics.val_key(name) in v for v in vals):
+                trial.set_user_attr(name, round(fmean(v[metrics.val_key(name)] for v in vals), 4))
+        if "d_acc" in trial.user_attrs:
+            trial.set_user_attr("d_separates", bool(trial.user_attrs["d_acc"] >= metrics.D_SEPARATES))
+        per_seed = [[v[objective_key(o)] for o in cfg.tune.objectives] for v in vals]
+        if len(seeds) > 1:  # the spread behind each mean, in trials.csv
+            for j, o in enumerate(cfg.tune.objectives):
+                trial.set_user_attr(f"{o}_by_seed", {str(s): round(p[j], 4) for s, p in zip(seeds, per_seed)})
+        values = [fmean(p[j] for p in per_seed) for j in range(len(cfg.tune.objectives))]
         return values[0] if single else values
 
     return objective
 
 
 def tag_trial_run(study, trial) -> None:
-    """Study callback: record the trial's final state on its MLflow child run."""
-    run_id = trial.user_attrs.get("mlflow_run_id") or _find_trial_run(study, trial)
-    if run_id:
+    """Study callback: record the trial's final state on its MLflow child runs (one per seed)."""
+    runs = trial.user_attrs.get("mlflow_run_ids") or tracking.search_runs_by_tags(
+        {"optuna.study": study.study_name, "optuna.trial": str(trial.number)})
+    for run_id in runs:
         tracking.Run(run_id).set_tags({"optuna.state": trial.state.name.lower()})
-
-
-def _find_trial_run(study, trial) -> str | None:
-    runs = tracking.search_runs_by_tags({"optuna.study": study.study_name, "optuna.trial": str(trial.number)})
-    return runs[0] if runs else None
 
 
 BASELINE_ATTR = "baseline"  # user attribute of the trial that runs params.yaml's own values
