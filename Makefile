@@ -66,7 +66,7 @@ bench-torch: setup $(TORCH_VENV)/bin/python
 	$(BIN)/python src/bench.py --target-config --only steps,torch --variants onednn,onednn+bf16 \
 	  --torch-python $(TORCH_VENV)/bin/python --out reports/bench-torch.json
 
-# The loss study: every adversarial objective x 2 seeds from the one SRResNet -> reports/compare/
+# The loss study: every adversarial objective and the control x study.seeds from the one SRResNet -> reports/compare/
 study: setup
 	$(BIN)/python src/compare.py --run
 
