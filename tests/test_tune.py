@@ -235,6 +235,16 @@ def test_the_baseline_trial_is_the_config_inside_the_search_space_and_dominance_
     assert not tune.dominates([28.3, 6.0], [28.1, 5.9], objectives)  # a trade-off is not a win
 
 
+def test_the_sampler_is_the_one_configured_for_one_or_two_objectives():
+    import optuna
+
+    for objectives in (["psnr_y"], ["psnr_y", "niqe"]):
+        tpe = tune.make_sampler(tiny_config(**{"tune.objectives": objectives, "tune.startup_trials": 3}), seed=1)
+        assert isinstance(tpe, optuna.samplers.TPESampler)
+        nsga = tune.make_sampler(tiny_config(**{"tune.objectives": objectives, "tune.sampler": "nsgaii"}), seed=1)
+        assert isinstance(nsga, optuna.samplers.NSGAIISampler)
+
+
 def test_a_trial_runs_the_phase_it_tunes_unless_told_otherwise():
     import optuna
 

@@ -274,7 +274,8 @@ class TuneConfig(Section):
     report_every: PosInt
     objectives: list[str]
     pruner: Literal["none", "median", "hyperband"]
-    sampler: Literal["tpe", "random"]
+    sampler: Literal["tpe", "random", "nsgaii"]
+    startup_trials: NonNegInt
     w_mse: list[PosFloat]
     w_vgg: list[PosFloat]
     w_adv: list[PosFloat]

@@ -81,13 +81,17 @@ def directions(cfg: Config) -> list[str]:
 
 
 def make_sampler(cfg: Config, seed: int | None):
+    """``tune.sampler``. TPE models one or several objectives (MOTPE) after ``tune.startup_trials``
+    random ones; NSGA-II's first generation (``population_size`` 50) is random, so it only searches
+    at budgets of hundreds of trials, not the tens a CPU affords here."""
     import optuna
 
-    if len(cfg.tune.objectives) > 1:
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if cfg.tune.sampler == "random":
+    t = cfg.tune
+    if t.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    if t.sampler == "nsgaii":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=t.startup_trials)
 
 
 def trial_steps(cfg: Config) -> int:
