@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from srgan import cli, config
+from srgan import cli, config, distribute
 from srgan.config import ROOT
 
 log = logging.getLogger("tune")
@@ -113,7 +113,7 @@ def _spawn_workers(args: argparse.Namespace, n_trials: int, parent_id: str) -> N
             cmd += ["--storage", args.storage]
         if args.timeout:
             cmd += ["--timeout", str(args.timeout)]
-        procs.append(subprocess.Popen(cmd))
+        procs.append(subprocess.Popen(cmd, env=distribute.threads_env(args.workers)))
     codes = [p.wait() for p in procs]
     if any(codes):
         raise cli.UserError(f"tune workers exited with codes {codes}")

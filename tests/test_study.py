@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from conftest import tiny_config
-from srgan import study, tracking
+from srgan import distribute, study, tracking
 from srgan.config import ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -326,8 +326,8 @@ def test_equal_tuning_effort_per_objective(processed_dir, pretrained, mlflow_uri
 def test_experiments_at_once_share_the_cores_unless_the_user_chose(monkeypatch):
     monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
     cores = os.cpu_count() or 1
-    assert study.threads_env(cores)["TF_NUM_INTRAOP_THREADS"] == "1"
-    assert study.threads_env(1)["TF_NUM_INTRAOP_THREADS"] == str(cores)
-    assert study.threads_env(10 * cores)["TF_NUM_INTRAOP_THREADS"] == "1"  # never 0 (= TF's default: all)
+    assert distribute.threads_env(cores)["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert distribute.threads_env(1)["TF_NUM_INTRAOP_THREADS"] == str(cores)
+    assert distribute.threads_env(10 * cores)["TF_NUM_INTRAOP_THREADS"] == "1"  # never 0 (= TF's default: all)
     monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")
-    assert study.threads_env(cores)["TF_NUM_INTRAOP_THREADS"] == "3"
+    assert distribute.threads_env(cores)["TF_NUM_INTRAOP_THREADS"] == "3"

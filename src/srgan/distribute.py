@@ -263,3 +263,12 @@ def across_workers(strategy: Any, task: Task, values: dict[str, int], hint: str 
             raise
         raise lost from exc
     return {key: (int(every[:, i].min()), int(every[:, i].max())) for i, key in enumerate(values)}
+
+
+def threads_env(jobs: int) -> dict[str, str]:
+    """The environment of ``jobs`` TensorFlow processes at once on this machine (study experiments,
+    tune workers): each gets its share of the cores for its ops (unless the user set
+    TF_NUM_INTRAOP_THREADS), so they do not oversubscribe."""
+    env = dict(os.environ)
+    env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    return env

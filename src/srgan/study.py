@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import dataio, metrics, stats, tracking
+from . import dataio, distribute, metrics, stats, tracking
 from .config import NO_ADVERSARIAL, ROOT, STUDY_SETS, TRAINING_SECTIONS, Config, replace
 
 log = logging.getLogger(__name__)
@@ -97,14 +97,6 @@ def _dvc(args: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None) -
     return subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
-def threads_env(jobs: int) -> dict[str, str]:
-    """The environment of ``jobs`` experiments at once: each TensorFlow process gets its share of the
-    cores for its ops (unless the user set TF_NUM_INTRAOP_THREADS), so they do not oversubscribe."""
-    env = dict(os.environ)
-    env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    return env
-
-
 def run_experiments(exps: Sequence[Experiment], jobs: int, cwd: Path = ROOT) -> bool:
     """Queue ``exps`` and run the queue (blocking); False if DVC reported a failed experiment
     (the study then reports the runs that finished and names the others)."""
@@ -114,7 +106,7 @@ def run_experiments(exps: Sequence[Experiment], jobs: int, cwd: Path = ROOT) -> 
         if out.returncode:
             raise StudyError(f"dvc exp run --queue {e.name} failed:\n{out.stderr[-2000:]}")
     log.info("running %d queued experiments with %d job(s)", len(exps), jobs)
-    out = _dvc(["exp", "run", "--run-all", "--jobs", str(jobs)], cwd, threads_env(jobs))
+    out = _dvc(["exp", "run", "--run-all", "--jobs", str(jobs)], cwd, distribute.threads_env(jobs))
     if out.returncode:
         log.warning("dvc exp run --run-all reported failures:\n%s", (out.stdout + out.stderr)[-3000:])
     return out.returncode == 0
