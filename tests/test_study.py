@@ -15,10 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import tiny_config
+from conftest import dvc_env, run_ok, tiny_config
 from srgan import distribute, study, tracking
 from srgan.config import ROOT
 
@@ -331,3 +332,30 @@ def test_experiments_at_once_share_the_cores_unless_the_user_chose(monkeypatch):
     assert distribute.threads_env(10 * cores)["TF_NUM_INTRAOP_THREADS"] == "1"  # never 0 (= TF's default: all)
     monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")
     assert distribute.threads_env(cores)["TF_NUM_INTRAOP_THREADS"] == "3"
+
+
+@pytest.mark.slow
+def test_a_queue_whose_workers_do_not_stop_is_stopped_once_its_experiments_are_done(tmp_path, monkeypatch):
+    # a real DVC project whose queue ran experiment t1
+    env = dvc_env(tmp_path)
+    monkeypatch.setenv("PATH", env["PATH"])
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text("stages:\n  s:\n    cmd: python -c \"open('out.txt', 'w').write('x')\"\n"
+                                   "    outs: [out.txt]\n")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        run_ok(cmd, repo, env)
+    assert study.run_experiments([study.Experiment("t1", "none", 1, "srresnet")], jobs=1, cwd=repo) is True
+    assert study.queue_statuses(repo) == {"t1": "Success"}
+
+    # `--run-all` that never returns after its experiments are done (here: a process that ignores
+    # `dvc queue stop`): stopped, then killed
+    stuck = subprocess.Popen(["sleep", "600"])
+    t0 = time.monotonic()
+    assert study.wait_for_queue(stuck, repo, ["t1"], poll_s=0.2, stuck_s=1.0) is True
+    assert stuck.poll() is not None and time.monotonic() - t0 < 60
+    # while an experiment is not done (t2: not even in the queue yet), nothing is stopped
+    running = subprocess.Popen(["sleep", "3"])
+    assert study.wait_for_queue(running, repo, ["t1", "t2"], poll_s=0.2, stuck_s=1.0) is False
+    assert running.returncode == 0
+

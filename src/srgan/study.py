@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,19 +98,72 @@ def _dvc(args: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None) -
     return subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
-def run_experiments(exps: Sequence[Experiment], jobs: int, cwd: Path = ROOT) -> bool:
-    """Queue ``exps`` and run the queue (blocking); False if DVC reported a failed experiment
-    (the study then reports the runs that finished and names the others)."""
+QUEUE_POLL_S = 30  # seconds between looks at DVC's queue while its workers run
+QUEUE_STUCK_S = 120  # a finished queue whose workers are still up this long after is stopped (below)
+TASK_DONE = ("Success", "Failed")  # `dvc queue status` states of a task that will not run again
+
+
+def queue_statuses(cwd: Path) -> dict[str, str]:
+    """Experiment name -> its task's state in `dvc queue status` (Queued, Running, Success, Failed)."""
+    out = _dvc(["queue", "status"], cwd)
+    rows = [line.split() for line in out.stdout.splitlines()]
+    # rows: task id, name, creation time (one or more words), state; then a "Worker status" line
+    return {r[1]: r[-1] for r in rows if len(r) >= 4 and r[0] not in ("Task", "Worker")}
+
+
+def run_experiments(exps: Sequence[Experiment], jobs: int, cwd: Path = ROOT,
+                    poll_s: float = QUEUE_POLL_S, stuck_s: float = QUEUE_STUCK_S) -> bool:
+    """Queue ``exps`` and run the queue (blocking); False if an experiment failed (the study then
+    reports the runs that finished and names the others)."""
     for e in exps:
         sets = [a for k, v in e.overrides.items() for a in ("-S", f"{k}={v}")]
         out = _dvc(["exp", "run", "--queue", "-n", e.name, *sets], cwd)
         if out.returncode:
             raise StudyError(f"dvc exp run --queue {e.name} failed:\n{out.stderr[-2000:]}")
     log.info("running %d queued experiments with %d job(s)", len(exps), jobs)
-    out = _dvc(["exp", "run", "--run-all", "--jobs", str(jobs)], cwd, distribute.threads_env(jobs))
-    if out.returncode:
-        log.warning("dvc exp run --run-all reported failures:\n%s", (out.stdout + out.stderr)[-3000:])
-    return out.returncode == 0
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=cwd, text=True,
+                                stdout=output, stderr=subprocess.STDOUT, env=distribute.threads_env(jobs))
+        wait_for_queue(proc, cwd, [e.name for e in exps], poll_s, stuck_s)
+        output.seek(0)
+        text = output.read()
+    failed = [e.name for e in exps if queue_statuses(cwd).get(e.name) != "Success"]
+    if failed or proc.returncode:
+        log.warning("dvc exp run --run-all: %s did not succeed:\n%s", ", ".join(failed) or "not every experiment",
+                    text[-3000:])
+    return not failed
+
+
+def wait_for_queue(proc: subprocess.Popen, cwd: Path, names: Sequence[str], poll_s: float, stuck_s: float) -> bool:
+    """Wait for ``proc`` (`dvc exp run --run-all`) to end; True if it had to be stopped.
+
+    DVC's queue workers stop themselves when the queue is empty, but the thread that decides so can
+    die (seen here: a JSONDecodeError reading the celery file broker as the other worker shut down),
+    leaving an idle worker and `--run-all` waiting forever. So once every one of ``names`` is done
+    and the workers are still up ``stuck_s`` later, `dvc queue stop` ends them (and a kill after
+    another ``stuck_s``)."""
+    done_since = None
+    while True:
+        try:
+            proc.wait(timeout=poll_s)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        status = queue_statuses(cwd)
+        if not all(status.get(n) in TASK_DONE for n in names):
+            done_since = None
+            continue
+        done_since = done_since or time.monotonic()
+        if time.monotonic() - done_since < stuck_s:
+            continue
+        log.warning("DVC's queue ran all %d experiments but its workers did not stop: stopping them", len(names))
+        _dvc(["queue", "stop"], cwd)
+        try:
+            proc.wait(timeout=stuck_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return True
 
 
 def find_run(cfg: Config, experiment: str) -> dict[str, Any] | None:
