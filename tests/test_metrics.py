@@ -87,8 +87,8 @@ def test_gaussian_window_is_wang_window() -> None:
 def test_identical_images() -> None:
     _, hr = _pair()
     res = metrics.Scorer(4).score(hr, _Ref(hr, images.downscale(hr, 4)))
-    assert {k: res[k] for k in ("psnr_y", "ssim_y", "psnr_rgb")} == {"psnr_y": math.inf, "ssim_y": 1.0,
-                                                                      "psnr_rgb": math.inf}
+    assert {k: res[k] for k in ("psnr_y", "ssim_y", "psnr_rgb", "psnr_cbcr")} == {
+        "psnr_y": math.inf, "ssim_y": 1.0, "psnr_rgb": math.inf, "psnr_cbcr": math.inf}
 
 
 def test_known_offsets() -> None:
@@ -100,6 +100,17 @@ def test_known_offsets() -> None:
     sr = hr + np.uint8(1)
     assert metrics.psnr_rgb(sr, hr, 4) == pytest.approx(20 * math.log10(255.0), abs=1e-9)
     assert metrics.psnr_y(sr, hr, 4) == pytest.approx(20 * math.log10(255.0 / (219.0 / 255.0)), abs=1e-9)
+
+
+def test_chroma_psnr_sees_colour_errors_and_not_gray_ones() -> None:
+    hr = np.random.default_rng(2).integers(20, 200, (16, 16, 3)).astype(np.uint8)
+    gray = hr + np.uint8(3)  # the same shift on R, G and B: luma moves, chroma does not
+    assert metrics.psnr_cbcr(gray, hr, 4) > 200 and metrics.psnr_y(gray, hr, 4) < 40  # > 200: rounding only
+    red = hr.copy()
+    red[..., 0] += 3  # a colour shift: Cb moves by 3 x 37.797 / 255, Cr by 3 x 112 / 255
+    mse = ((3 * 37.797 / 255) ** 2 + (3 * 112.0 / 255) ** 2) / 2
+    assert metrics.psnr_cbcr(red, hr, 4) == pytest.approx(10 * math.log10(255.0**2 / mse), abs=1e-9)
+    assert metrics.rgb_to_cbcr(np.full((1, 1, 3), 255, np.uint8)) == pytest.approx(np.full((1, 1, 2), 128.0))
 
 
 def test_border_is_cropped() -> None:

@@ -44,11 +44,26 @@ _Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64)
 _Y_OFFSET = 16.0
 
 
+# ... and its chroma rows (Cb, Cr), whose weights sum to zero: a gray shift leaves them unchanged
+_CBCR_WEIGHTS = np.array([[-37.797, 112.0], [-74.203, -93.786], [112.0, -18.214]], dtype=np.float64)
+_CBCR_OFFSET = 128.0
+
+
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
     """BT.601 luma Y = 16 + 65.481 R + 128.553 G + 24.966 B, float64 in [16, 235].
 
     ``img`` is HxWx3 RGB: ``uint8`` (divided by 255) or float already in [0, 1].
     """
+    return _unit_rgb(img) @ _Y_WEIGHTS + _Y_OFFSET
+
+
+def rgb_to_cbcr(img: np.ndarray) -> np.ndarray:
+    """BT.601 chroma (Cb, Cr) as HxWx2 float64 in [16, 240], the MATLAB rgb2ycbcr rows; input as
+    :func:`rgb_to_y`."""
+    return _unit_rgb(img) @ _CBCR_WEIGHTS + _CBCR_OFFSET
+
+
+def _unit_rgb(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 RGB image, got shape {img.shape}")
@@ -61,7 +76,7 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
             raise ValueError("float RGB input must lie in [0, 1] (pass uint8 for 0..255 data)")
     else:
         raise ValueError(f"expected uint8 or float RGB, got dtype {img.dtype}")
-    return rgb @ _Y_WEIGHTS + _Y_OFFSET
+    return rgb
 
 
 def _check_pair(sr: np.ndarray, hr: np.ndarray, border: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,6 +125,13 @@ def psnr_rgb(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
     """PSNR (dB) over all three RGB channels after cropping ``border`` px."""
     sr, hr = _check_pair(sr, hr, border)
     return psnr(sr.astype(np.float64), hr.astype(np.float64))
+
+
+def psnr_cbcr(sr: np.ndarray, hr: np.ndarray, border: int) -> float:
+    """PSNR (dB) on the BT.601 Cb and Cr planes after cropping ``border`` px: the colour errors
+    (e.g. green/magenta fringes along fine texture) that Y-only PSNR, SSIM and NIQE do not see."""
+    sr, hr = _check_pair(sr, hr, border)
+    return psnr(rgb_to_cbcr(sr), rgb_to_cbcr(hr))
 
 
 def gaussian_window_1d(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
@@ -371,6 +393,9 @@ register(Metric("ssim_y", "SSIM-Y", True, 4, FULL_REFERENCE,
                 lambda img, ref, scale, _: ssim_y(img, ref.hr, scale)))
 register(Metric("psnr_rgb", "PSNR-RGB (dB)", True, 2, FULL_REFERENCE,
                 lambda img, ref, scale, _: psnr_rgb(img, ref.hr, scale), headline=False))
+register(Metric("psnr_cbcr", "PSNR-CbCr (dB)", True, 2, FULL_REFERENCE,
+                lambda img, ref, scale, _: psnr_cbcr(img, ref.hr, scale), headline=False,
+                note="colour fidelity: PSNR of the BT.601 chroma planes"))
 register(Metric("niqe", "NIQE", False, 2, NO_REFERENCE, _niqe, needs="niqe_model",
                 note="no-reference naturalness (Mittal et al. 2013); lower is better"))
 register(Metric("artifact", "sub-pixel artifact", False, 3, NO_REFERENCE, _artifact,
