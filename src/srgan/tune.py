@@ -293,14 +293,17 @@ def run_study(cfg: Config, data: TrainData, study_name: str, storage_url: str | 
 def best_trial(study, cfg: Config):
     """The best trial (single objective); with several, the Pareto-front trial best on the first
     objective among those that beat the baseline on every objective (what ``--apply`` can take
-    without giving anything up), or on the whole front when none does."""
+    without giving anything up); when none does, the baseline itself (``--apply`` then keeps
+    params.yaml); without a baseline, the front's best on the first objective."""
     if len(cfg.tune.objectives) == 1:
         return study.best_trial
     sign = 1.0 if metrics.higher_is_better(cfg.tune.objectives[0]) else -1.0
     base = baseline_trial(study)
     front = study.best_trials
-    better = [t for t in front if base is not None and dominates(t.values, base.values, cfg.tune.objectives)]
-    return max(better or front, key=lambda t: sign * t.values[0])
+    if base is None:
+        return max(front, key=lambda t: sign * t.values[0])
+    better = [t for t in front if dominates(t.values, base.values, cfg.tune.objectives)]
+    return max(better, key=lambda t: sign * t.values[0]) if better else base
 
 
 def best_overrides(study, cfg: Config) -> dict[str, Any]:
