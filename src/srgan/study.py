@@ -124,7 +124,12 @@ def run_experiments(exps: Sequence[Experiment], jobs: int, cwd: Path = ROOT,
     with tempfile.TemporaryFile("w+") as output:
         proc = subprocess.Popen(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=cwd, text=True,
                                 stdout=output, stderr=subprocess.STDOUT, env=distribute.threads_env(jobs))
-        wait_for_queue(proc, cwd, [e.name for e in exps], poll_s, stuck_s)
+        try:
+            wait_for_queue(proc, cwd, [e.name for e in exps], poll_s, stuck_s)
+        except BaseException:  # e.g. SIGTERM of the study: its DVC run goes with it, as with subprocess.run
+            proc.kill()
+            proc.wait()
+            raise
         output.seek(0)
         text = output.read()
     failed = [e.name for e in exps if queue_statuses(cwd).get(e.name) != "Success"]
