@@ -238,11 +238,12 @@ def make_objective(cfg: Config, data: TrainData, parent_run_id: str | None, srre
         trial.set_user_attr("mlflow_run_id", runs[0])
         # whether D learned in this trial's budget (trials.csv, the report): a trial whose D stayed
         # at chance tuned weights of an adversarial term that taught nothing
-        for name in ("d_acc", "d_auc"):
-            if all(metrics.val_key(name) in v for v in vals):
-                trial.set_user_attr(name, round(fmean(v[metrics.val_key(name)] for v in vals), 4))
-        if "d_acc" in trial.user_attrs:
-            trial.set_user_attr("d_separates", bool(trial.user_attrs["d_acc"] >= metrics.D_SEPARATES))
+        health = {name: round(fmean(v[metrics.val_key(name)] for v in vals), 4) for name in ("d_acc", "d_auc")
+                  if all(metrics.val_key(name) in v for v in vals)}
+        if "d_acc" in health:
+            health["d_separates"] = bool(health["d_acc"] >= metrics.D_SEPARATES)
+        for name, value in health.items():
+            trial.set_user_attr(name, value)
         per_seed = [[v[objective_key(o)] for o in cfg.tune.objectives] for v in vals]
         if len(seeds) > 1:  # the spread behind each mean, in trials.csv
             for j, o in enumerate(cfg.tune.objectives):
